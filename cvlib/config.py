@@ -1,0 +1,114 @@
+"""Configuration models: the single home of every default.
+
+The same objects are the Prefect flow parameters (the UI renders a form from them), the CLI's
+options and the MLflow params (through :func:`flatten`), so a value is defined once and reads the
+same everywhere.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class _Config(BaseModel):
+    # Unknown keys are errors: a typo in a deployment's parameters must not be silently ignored.
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
+
+class DataConfig(_Config):
+    """How an image folder becomes a manifest and splits."""
+
+    val_fraction: float = Field(0.2, ge=0.0, lt=1.0, description="Share of each class held out for validation.")
+    test_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="Share of each class held out for testing.")
+    min_images_per_class: int = Field(2, ge=1, description="Fewer images than this in a class is an error.")
+    max_image_pixels: int = Field(
+        89_478_485, gt=0, description="Decompression-bomb limit (Pillow's default); larger images are quarantined."
+    )
+    split_salt: str = Field("visionflow", description="Salt for the hash-based split; change it to reshuffle.")
+
+
+class AugmentConfig(_Config):
+    """Training-time augmentation and the evaluation preprocessing derived from it."""
+
+    image_size: int = Field(224, ge=16, description="Side of the square crop the model sees.")
+    resize_ratio: float = Field(
+        256 / 224, ge=1.0, description="Eval resize side = image_size * resize_ratio, then a centre crop."
+    )
+    scale_min: float = Field(0.5, gt=0.0, le=1.0, description="RandomResizedCrop's smallest area fraction.")
+    hflip: float = Field(0.5, ge=0.0, le=1.0, description="Probability of a horizontal flip.")
+    rotation: float = Field(15.0, ge=0.0, le=180.0, description="Largest random rotation in degrees.")
+    color_jitter: float = Field(0.2, ge=0.0, le=1.0, description="Brightness/contrast/saturation jitter strength.")
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+
+class TrainConfig(_Config):
+    """Fine-tuning hyper-parameters."""
+
+    arch: str = Field("resnet50", description="torchvision model name.")
+    weights: str = Field(
+        "DEFAULT", description="'DEFAULT' or a torchvision weights name, 'none' for random init, or a file path."
+    )
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(0.05, ge=0.0)
+    warmup_epochs: float = Field(1.0, ge=0.0, description="Linear warm-up length; may be fractional.")
+    min_lr_ratio: float = Field(0.01, ge=0.0, le=1.0, description="Cosine floor as a fraction of lr.")
+    label_smoothing: float = Field(0.1, ge=0.0, lt=1.0)
+    grad_clip: float | None = Field(1.0, gt=0.0, description="Max gradient norm; None disables clipping.")
+    freeze_backbone: bool = Field(False, description="Train only the classification head.")
+    dropout: float = Field(0.3, ge=0.0, lt=1.0)
+    hidden_dim: int = Field(512, ge=1, description="Width of the transfer head's hidden layer.")
+    num_workers: int = Field(2, ge=0, description="DataLoader worker processes.")
+    device: str = Field("auto", description="'auto', 'cuda', 'mps', 'cpu' or a torch device string.")
+    seed: int = 0
+    progress: bool = Field(True, description="Show a progress bar.")
+
+
+class ScoreConfig(_Config):
+    """Batch scoring."""
+
+    batch_size: int = Field(64, ge=1)
+    top_k: int = Field(5, ge=1)
+    num_workers: int = Field(2, ge=0)
+    device: str = "auto"
+
+
+class ReportConfig(_Config):
+    """Grad-CAM report."""
+
+    samples: int = Field(24, ge=1, description="How many images the report explains.")
+    seed: int = 0
+
+
+class RetrainConfig(_Config):
+    """Everything one retraining run needs beyond the data folder."""
+
+    model_name: str = Field("visionflow", description="Registered model name in MLflow.")
+    experiment: str = Field("visionflow", description="MLflow experiment name.")
+    data: DataConfig = Field(default_factory=DataConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    report: ReportConfig = Field(default_factory=ReportConfig)
+
+
+def flatten(config: BaseModel, prefix: str = "") -> dict[str, Any]:
+    """Flatten nested config into dotted keys, the shape MLflow params want."""
+    out: dict[str, Any] = {}
+    for key, value in config.model_dump().items():
+        _flatten_into(out, f"{prefix}{key}", value)
+    return out
+
+
+def _flatten_into(out: dict[str, Any], key: str, value: Any) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _flatten_into(out, f"{key}.{k}", v)
+    else:
+        out[key] = value

@@ -1,0 +1,1 @@
+"""Prefect flows (retrain, score, explain) and the ``visionflow`` command line."""

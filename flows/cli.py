@@ -1,0 +1,316 @@
+"""The ``visionflow`` command line.
+
+Imports are deferred to the command that needs them: ``visionflow --help`` and the small commands
+must not pay for importing torch, Prefect and MLflow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+EXIT_USAGE = 2
+
+
+class CliError(Exception):
+    """An error the user can fix; printed without a stack trace."""
+
+
+def build_retrain_config(args: argparse.Namespace):
+    """CLI options override the defaults of :class:`cvlib.config.RetrainConfig` (validated)."""
+    from cvlib.config import RetrainConfig
+
+    data = RetrainConfig().model_dump()
+    train = {"epochs": args.epochs, "batch_size": args.batch_size, "arch": args.arch, "weights": args.weights,
+             "lr": args.lr, "seed": args.seed, "num_workers": args.workers, "device": args.device}
+    if args.freeze_backbone:
+        train["freeze_backbone"] = True
+    data["train"].update({k: v for k, v in train.items() if v is not None})
+    if args.image_size is not None:
+        data["augment"]["image_size"] = args.image_size
+    if args.model_name:
+        data["model_name"] = args.model_name
+    return RetrainConfig.model_validate(data)
+
+
+def _print_paths(title: str, paths: dict[str, object]) -> None:
+    print(f"\n{title}")
+    width = max(len(k) for k in paths)
+    for key, value in paths.items():
+        print(f"  {key:<{width}}  {value}")
+
+
+def cmd_demo_data(args: argparse.Namespace) -> int:
+    from cvlib.demo_data import write_digits
+
+    counts = write_digits(args.dir, size=args.size, per_class=args.per_class)
+    print(f"wrote {sum(counts.values())} digit images in {len(counts)} classes to {Path(args.dir).resolve()}")
+    return 0
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from cvlib.config import DataConfig
+    from cvlib.ingest import build_manifest, dataset_hash, summarize, write_manifest
+
+    t0 = time.perf_counter()
+    manifest, skipped = build_manifest(args.data_dir, DataConfig())
+    write_manifest(manifest, args.out, metadata={"visionflow.dataset_hash": dataset_hash(manifest)})
+    summary = summarize(manifest) | {"skipped": skipped}
+    print(json.dumps({k: summary[k] for k in ("files", "ok", "duplicates", "quarantined", "classes", "reasons", "skipped")}, indent=2))
+    print(f"manifest: {Path(args.out).resolve()} ({time.perf_counter() - t0:.1f}s)")
+    return 0
+
+
+def _preflight_weights(config) -> str:
+    from cvlib.models import WeightsUnavailableError, check_weights
+
+    try:
+        return check_weights(config.train.arch, config.train.weights)
+    except WeightsUnavailableError as exc:
+        raise CliError(str(exc)) from exc
+
+
+def _use_prefect() -> None:
+    """Point Prefect at its API before any flow module is imported (see flows.local_server)."""
+    from flows.local_server import configure_api
+
+    api = configure_api()
+    print(f"Prefect API: {api}", flush=True)
+
+
+def _existing(path: str, what: str, *, folder: bool = False) -> str:
+    """Check inputs before Prefect starts, so a typo costs a second and reads as one line."""
+    p = Path(path).expanduser()
+    if not (p.is_dir() if folder else p.exists()):
+        raise CliError(f"{what} {p} does not exist" + (" or is not a folder" if folder else ""))
+    return str(p.resolve())
+
+
+def _model_ref(uri: str) -> str:
+    return uri if uri.startswith("models:/") else _existing(uri, "model checkpoint")
+
+
+def cmd_retrain(args: argparse.Namespace) -> int:
+    data_dir = _existing(args.data_dir, "data folder", folder=True)
+    config = build_retrain_config(args)
+    print(f"weights: {_preflight_weights(config)}")
+    _use_prefect()
+    from flows.retrain import retrain
+
+    result = retrain(data_dir=data_dir, config=config, output_dir=args.output_dir)
+    _print_retrain(result)
+    return 0
+
+
+def _print_retrain(result: dict) -> None:
+    metrics = result["metrics"]
+    _print_paths(
+        "retraining finished",
+        {
+            "model": f"{result['model_uri']} ({'champion' if result['promoted'] else 'challenger'})",
+            "val top-1": f"{metrics.get('val_top1', float('nan')):.4f}",
+            "val top-5": f"{metrics.get('val_top5', float('nan')):.4f}",
+            "MLflow store": result["mlflow_tracking_uri"],
+            "MLflow run": result["run_id"],
+            "report": result["report"],
+            "manifest": result["manifest"],
+            "checkpoint": result["checkpoint"],
+        },
+    )
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from cvlib.config import ScoreConfig
+
+    input_dir, model_uri = _existing(args.input, "input"), _model_ref(args.model)
+    _use_prefect()
+    from flows.score import score
+
+    cfg = ScoreConfig(**{k: v for k, v in {"batch_size": args.batch_size, "num_workers": args.workers, "device": args.device}.items() if v is not None})
+    result = score(input_dir=input_dir, model_uri=model_uri, out=str(Path(args.out).resolve()), config=cfg)
+    _print_paths(
+        "scoring finished",
+        {"predictions": result.output, "files": result.files, "errors": result.errors,
+         "images/s": f"{result.files / max(result.seconds, 1e-9):.1f}", "model": f"{result.model_uri} (version {result.model_version})"},
+    )
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from cvlib.config import ReportConfig
+
+    input_dir, model_uri = _existing(args.input, "input"), _model_ref(args.model)
+    _use_prefect()
+    from flows.explain import explain
+
+    report = explain(input_dir=input_dir, model_uri=model_uri, out=str(Path(args.out).resolve()),
+                     config=ReportConfig(samples=args.samples, seed=args.seed))
+    _print_paths("report written", {"report": report})
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The whole pipeline on the bundled digits: data, retrain, score, explain."""
+    from cvlib.config import AugmentConfig, RetrainConfig, ScoreConfig, TrainConfig
+    from cvlib.demo_data import write_digits
+    from cvlib.models import WeightsUnavailableError, check_weights
+    from tasks.environment import mlflow_tracking_uri, visionflow_home
+
+    home = visionflow_home()
+    data_dir = home / "demo" / "digits"
+    counts = write_digits(data_dir, size=args.size)
+    print(f"demo data: {sum(counts.values())} handwritten digits (scikit-learn) in {data_dir}")
+    weights = "DEFAULT"
+    try:
+        how = check_weights("resnet50", weights)
+        print(f"weights: {how}")
+    except WeightsUnavailableError:
+        weights = "none"
+        print("weights: pretrained ImageNet weights are not available offline; training from random initialisation")
+    # Digits are not mirror-symmetric: no horizontal flips; they fill the frame: mild crops.
+    config = RetrainConfig(
+        model_name=args.model_name,
+        augment=AugmentConfig(image_size=args.size, resize_ratio=1.0, scale_min=0.7, hflip=0.0, rotation=10.0, color_jitter=0.1),
+        train=TrainConfig(epochs=args.epochs, batch_size=64, lr=2e-3 if weights == "none" else 1e-3, weights=weights,
+                          warmup_epochs=0.5, label_smoothing=0.05, num_workers=args.workers),
+    )
+    _use_prefect()
+    from flows.retrain import retrain
+    from flows.score import score
+
+    result = retrain(data_dir=str(data_dir), config=config, output_dir=str(home / "demo" / "run"))
+    _print_retrain(result)
+    predictions = home / "demo" / "predictions.parquet"
+    scored = score(input_dir=str(data_dir), model_uri=result["model_uri"], out=str(predictions), config=ScoreConfig(num_workers=args.workers))
+    _print_paths(
+        "demo finished",
+        {
+            "MLflow store": mlflow_tracking_uri(),
+            "MLflow UI": "make ui  (then open http://127.0.0.1:5000)",
+            "model": result["model_uri"],
+            "val top-1": f"{result['metrics']['val_top1']:.4f}",
+            "predictions": f"{scored.output} ({scored.files} rows, {scored.errors} errors)",
+            "report": result["report"],
+        },
+    )
+    return 0
+
+
+def cmd_server(args: argparse.Namespace) -> int:
+    from flows import local_server
+
+    if args.action == "stop":
+        print("stopped" if local_server.stop() else "no server was running")
+        return 0
+    info = local_server.start() if args.action == "start" else local_server.status()
+    if info is None:
+        print("no server is running (one starts with the first flow run)")
+        return 1
+    _print_paths("Prefect server", {"API": info["api_url"], "UI": info["ui_url"], "log": info["log"], "pid": info["pid"]})
+    return 0
+
+
+def cmd_kernels(args: argparse.Namespace) -> int:
+    from cvlib.kernels import render_gallery
+
+    out = render_gallery(args.image, args.out)
+    print(f"kernel gallery: {Path(out).resolve()}")
+    return 0
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="visionflow", description="Retrain and serve image classifiers as Prefect flows.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("demo-data", help="write scikit-learn's digits as an image folder")
+    s.add_argument("dir")
+    s.add_argument("--size", type=int, default=64)
+    s.add_argument("--per-class", type=int, default=None)
+    s.set_defaults(func=cmd_demo_data)
+
+    s = sub.add_parser("ingest", help="scan and validate an image folder into a manifest")
+    s.add_argument("data_dir")
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_ingest)
+
+    s = sub.add_parser("retrain", help="fine-tune on an image folder and register the model")
+    s.add_argument("data_dir")
+    s.add_argument("--epochs", type=int)
+    s.add_argument("--image-size", type=int)
+    s.add_argument("--batch-size", type=int)
+    s.add_argument("--arch")
+    s.add_argument("--weights", help="DEFAULT, a torchvision weights name, none, or a file path")
+    s.add_argument("--lr", type=float)
+    s.add_argument("--seed", type=int)
+    s.add_argument("--model-name")
+    s.add_argument("--workers", type=int, help="DataLoader worker processes")
+    s.add_argument("--device")
+    s.add_argument("--freeze-backbone", action="store_true")
+    s.add_argument("--output-dir")
+    s.set_defaults(func=cmd_retrain)
+
+    s = sub.add_parser("score", help="top-5 predictions for every image in a folder, to Parquet")
+    s.add_argument("input")
+    s.add_argument("--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION or a checkpoint file")
+    s.add_argument("--out", required=True)
+    s.add_argument("--batch-size", type=int)
+    s.add_argument("--workers", type=int)
+    s.add_argument("--device")
+    s.set_defaults(func=cmd_score)
+
+    s = sub.add_parser("explain", help="Grad-CAM HTML report for a folder")
+    s.add_argument("input")
+    s.add_argument("--model", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--samples", type=int, default=24)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_explain)
+
+    s = sub.add_parser("demo", help="run the whole pipeline on the bundled digits")
+    s.add_argument("--epochs", type=int, default=3)
+    s.add_argument("--size", type=int, default=64)
+    s.add_argument("--workers", type=int, default=1)
+    s.add_argument("--model-name", default="visionflow-demo")
+    s.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("server", help="the local Prefect server that visionflow keeps running")
+    s.add_argument("action", choices=["start", "status", "stop"])
+    s.set_defaults(func=cmd_server)
+
+    s = sub.add_parser("kernels", help="render the classic convolution kernels on an image")
+    s.add_argument("image")
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_kernels)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    from tasks.environment import quiet_defaults
+
+    quiet_defaults()
+    try:
+        return int(args.func(args) or 0)
+    except CliError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # known user-facing failures read as one line, not a traceback
+        from pydantic import ValidationError
+
+        from cvlib.ingest import DataSetError
+        from cvlib.models import WeightsUnavailableError
+
+        if isinstance(exc, (DataSetError, WeightsUnavailableError, FileNotFoundError, ValidationError)):
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""Retraining: folder -> manifest -> fine-tuned model -> validation -> MLflow registry -> report."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
+
+from cvlib.config import RetrainConfig
+from tasks.environment import mlflow_tracking_uri, runs_dir
+from tasks.explain import validation_report
+from tasks.ingest import ingest
+from tasks.registry import end_run, log_artifact, promote, register_model, start_run
+from tasks.train import fine_tune, validate
+
+
+@flow(name="retrain", flow_run_name="retrain-{data_dir}", log_prints=True)
+def retrain(data_dir: str, config: RetrainConfig = RetrainConfig(), output_dir: str | None = None) -> dict:
+    """Retrain the classifier on an image folder (one sub-folder per class) and register it."""
+    logger = get_run_logger()
+    out = Path(output_dir) if output_dir else runs_dir() / f"{time.strftime('%Y%m%d-%H%M%S')}-{Path(data_dir).name}"
+    out.mkdir(parents=True, exist_ok=True)
+
+    data = ingest(data_dir, str(out / "manifest.parquet"), config.data)
+    run_id = start_run(config, data, flow_run_id=flow_run.id)
+    try:
+        trained = fine_tune(data, config, str(out / "checkpoints"), run_id)
+        validation = validate(data, trained.best_checkpoint, run_id, batch_size=config.train.batch_size, num_workers=config.train.num_workers)
+        report = validation_report(
+            data,
+            trained.best_checkpoint,
+            str(out / "report.html"),
+            config.report,
+            summary={"data set": data.data_dir, "data set hash": data.dataset_hash[:16], "best epoch": trained.best_epoch, **validation.metrics},
+        )
+        log_artifact(run_id, report, "report")
+        log_artifact(run_id, data.manifest_path, "data")
+        registered = register_model(run_id, trained.best_checkpoint, config.model_name, validation)
+        decision = promote(registered)
+    except BaseException:
+        end_run(run_id, "FAILED")
+        raise
+    end_run(run_id)
+    result = {
+        "run_id": run_id,
+        "model_uri": registered.model_uri,
+        "version": registered.version,
+        "promoted": decision["promoted"],
+        "metrics": validation.metrics,
+        "report": report,
+        "manifest": data.manifest_path,
+        "checkpoint": trained.best_checkpoint,
+        "output_dir": str(out),
+        "mlflow_tracking_uri": mlflow_tracking_uri(),
+    }
+    logger.info("retrained %s v%s (%s): %s", registered.name, registered.version, "champion" if decision["promoted"] else "challenger", validation.metrics)
+    return result

@@ -1,0 +1,1 @@
+"""Prefect tasks: thin wrappers around cvlib, one module per pipeline stage."""

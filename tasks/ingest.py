@@ -1,0 +1,62 @@
+"""Ingest stage: folder -> validated manifest Parquet, with a summary artifact in Prefect."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact
+
+from cvlib.config import DataConfig
+from cvlib.ingest import (
+    build_manifest,
+    check_trainable,
+    class_names,
+    dataset_hash,
+    summarize,
+    write_manifest,
+)
+from tasks.log import run_logger
+from tasks.records import IngestResult
+
+
+@task(name="ingest", retries=1, retry_delay_seconds=5)
+def ingest(data_dir: str, manifest_path: str, config: DataConfig) -> IngestResult:
+    logger = run_logger()
+    manifest, skipped = build_manifest(data_dir, config)
+    summary = summarize(manifest) | {"skipped": skipped}
+    digest = dataset_hash(manifest)
+    names = class_names(manifest)
+    write_manifest(manifest, manifest_path, metadata={"visionflow.dataset_hash": digest, "visionflow.class_names": names})
+    create_markdown_artifact(key="ingestion-summary", markdown=_markdown(data_dir, summary, manifest), description="Ingestion summary")
+    logger.info(
+        "ingested %s: %d files, %d usable, %d duplicates, %d quarantined, %d classes",
+        data_dir, summary["files"], summary["ok"], summary["duplicates"], summary["quarantined"], summary["classes"],
+    )
+    # Fail after the manifest and the artifact exist, so a person can see why.
+    check_trainable(manifest, config)
+    return IngestResult(
+        data_dir=str(Path(data_dir).resolve()), manifest_path=str(manifest_path), dataset_hash=digest, class_names=names, summary=summary
+    )
+
+
+def _markdown(data_dir: str, summary: dict, manifest) -> str:
+    lines = [
+        f"# Ingestion of `{data_dir}`",
+        "",
+        "| files | usable | duplicates | quarantined | classes | imbalance |",
+        "|---|---|---|---|---|---|",
+        f"| {summary['files']} | {summary['ok']} | {summary['duplicates']} | {summary['quarantined']} | {summary['classes']} | {summary['imbalance_ratio']:.2f} |",
+        "",
+        "## Per class and split",
+        "",
+        "| class | train | val | test |",
+        "|---|---|---|---|",
+    ]
+    for label, splits in summary["per_class"].items():
+        lines.append(f"| {label} | {splits.get('train', 0)} | {splits.get('val', 0)} | {splits.get('test', 0)} |")
+    bad = manifest[manifest["status"] == "quarantined"]
+    if len(bad):
+        lines += ["", "## Quarantined", "", "| path | reason |", "|---|---|"]
+        lines += [f"| `{p}` | {r} |" for p, r in zip(bad["path"].head(200), bad["reason"].head(200), strict=True)]
+    return "\n".join(lines)

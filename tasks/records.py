@@ -1,0 +1,47 @@
+"""Small typed records that travel between tasks (never models or tensors)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel
+
+
+class IngestResult(BaseModel):
+    data_dir: str
+    manifest_path: str
+    dataset_hash: str
+    class_names: list[str]
+    summary: dict
+
+
+class TrainResult(BaseModel):
+    best_checkpoint: str
+    last_checkpoint: str
+    best_epoch: int
+    device: str
+    history: list[dict]
+
+
+class Validation(BaseModel):
+    metrics: dict[str, float]
+    n: int
+
+
+class RegisteredVersion(BaseModel):
+    name: str
+    version: str
+    run_id: str
+    model_uri: str  # models:/name/version
+
+    @property
+    def registry_uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+
+class ScoreResult(BaseModel):
+    output: str
+    files: int
+    scored: int
+    errors: int
+    seconds: float
+    model_uri: str
+    model_version: str

@@ -1,0 +1,245 @@
+"""Everything MLflow: the run, per-epoch metrics, the model package, the registry and its aliases.
+
+Calls go through an explicit ``MlflowClient`` and run id rather than MLflow's global "active
+run", so tasks running in threads cannot log into each other's runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+
+from cvlib.config import RetrainConfig, flatten
+from tasks.environment import mlflow_artifact_root, mlflow_tracking_uri, visionflow_home
+from tasks.log import run_logger
+from tasks.records import IngestResult, RegisteredVersion, Validation
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+RUN_TAG = "visionflow.run_id"
+
+
+def client():
+    import mlflow
+    from mlflow import MlflowClient
+
+    uri = mlflow_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def ensure_experiment(name: str) -> str:
+    c = client()
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return c.create_experiment(name, artifact_location=mlflow_artifact_root())
+    except Exception:  # created concurrently by another run
+        exp = c.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+@task(name="start-mlflow-run", retries=3, retry_delay_seconds=[1, 5, 15])
+def start_run(config: RetrainConfig, ingest: IngestResult, flow_run_id: str | None = None) -> str:
+    """Create the MLflow run, with the configuration as params and the data set as tags."""
+    c = client()
+    exp_id = ensure_experiment(config.experiment)
+    tags = {
+        "visionflow.dataset_hash": ingest.dataset_hash,
+        "visionflow.data_dir": ingest.data_dir,
+        "visionflow.class_names": json.dumps(ingest.class_names),
+        "mlflow.source.name": "visionflow retrain",
+    }
+    if flow_run_id:
+        tags["prefect.flow_run_id"] = flow_run_id
+    commit = _git_commit()
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    run_name = f"{config.train.arch}-{len(ingest.class_names)}cls-lr{config.train.lr:g}-e{config.train.epochs}"
+    run = c.create_run(exp_id, run_name=run_name, tags=tags)
+    from mlflow.entities import Param
+
+    params = [Param(k, str(v)[:6000]) for k, v in flatten(config).items()]
+    for i in range(0, len(params), 100):
+        c.log_batch(run.info.run_id, params=params[i : i + 100])
+    run_logger().info("MLflow run %s (%s) in experiment %r", run.info.run_id, run_name, config.experiment)
+    return run.info.run_id
+
+
+def log_metrics(run_id: str, metrics: dict[str, float], step: int | None = None) -> None:
+    import time
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    client().log_batch(run_id, metrics=[Metric(k, float(v), now, step or 0) for k, v in metrics.items()])
+
+
+def log_artifact(run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
+    client().log_artifact(run_id, str(path), artifact_path)
+
+
+def end_run(run_id: str, status: str = "FINISHED") -> None:
+    client().set_terminated(run_id, status)
+
+
+def _git_commit() -> str | None:
+    import subprocess
+
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def _find_version_for_run(name: str, run_id: str):
+    c = client()
+    try:
+        versions = c.search_model_versions(f"name = '{name}'")
+    except Exception:
+        return None
+    for v in versions:
+        if (v.tags or {}).get(RUN_TAG) == run_id:
+            return v
+    return None
+
+
+@task(name="register-model", retries=3, retry_delay_seconds=[2, 10, 30])
+def register_model(run_id: str, checkpoint: str, model_name: str, validation: Validation) -> RegisteredVersion:
+    """Log the model package under the run and register it as a new version.
+
+    Idempotent: a retry after a partial failure finds the version already registered for this
+    run (tagged with the run id) instead of creating a second one.
+    """
+    import mlflow
+
+    import cvlib
+    from cvlib.checkpoint import model_from_checkpoint, save_package
+
+    logger = run_logger()
+    existing = _find_version_for_run(model_name, run_id)
+    if existing is not None:
+        logger.info("version %s of %s already registered for run %s", existing.version, model_name, run_id)
+        return RegisteredVersion(name=model_name, version=str(existing.version), run_id=run_id, model_uri=f"models:/{model_name}/{existing.version}")
+
+    client()  # sets the tracking and registry URIs
+    model, meta = model_from_checkpoint(checkpoint)
+    with tempfile.TemporaryDirectory(prefix="visionflow-package-") as tmp:
+        package = save_package(model, {**meta, "metrics": validation.metrics}, Path(tmp) / "package")
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                python_model=str(Path(__file__).with_name("pyfunc_model.py")),
+                artifacts={"package": str(package)},
+                code_paths=[str(Path(cvlib.__file__).parent)],
+                signature=_signature(),
+                pip_requirements=_requirements(),
+            )
+    version = mlflow.register_model(info.model_uri, model_name, tags={RUN_TAG: run_id})
+    c = client()
+    for key, value in validation.metrics.items():
+        c.set_model_version_tag(model_name, version.version, f"metric.{key}", f"{value:.6f}")
+    logger.info("registered %s version %s", model_name, version.version)
+    return RegisteredVersion(name=model_name, version=str(version.version), run_id=run_id, model_uri=f"models:/{model_name}/{version.version}")
+
+
+def _signature():
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    return ModelSignature(
+        inputs=Schema([ColSpec("string", "path", required=False), ColSpec("binary", "image", required=False)]),
+        outputs=Schema(
+            [
+                ColSpec("string", "status"),
+                ColSpec("string", "error", required=False),
+                ColSpec("string", "top1_label", required=False),
+                ColSpec("double", "top1_prob", required=False),
+            ]
+        ),
+    )
+
+
+def _requirements() -> list[str]:
+    from importlib.metadata import version
+
+    return [f"{pkg}=={version(pkg)}" for pkg in ("torch", "torchvision", "pillow", "numpy", "pandas", "safetensors", "mlflow")]
+
+
+@task(name="champion-gate", retries=3, retry_delay_seconds=[1, 5, 15])
+def promote(registered: RegisteredVersion, metric: str = "val_top1", margin: float = 0.0) -> dict[str, Any]:
+    """Give the new version the ``challenger`` alias and make it ``champion`` when there is no
+    champion yet or when it beats the champion's recorded metric by ``margin``."""
+    c = client()
+    name, version = registered.name, registered.version
+    c.set_registered_model_alias(name, CHALLENGER, version)
+    new_score = float(c.get_model_version(name, version).tags.get(f"metric.{metric}", "nan"))
+    try:
+        champion = c.get_model_version_by_alias(name, CHAMPION)
+    except Exception:
+        champion = None
+    if champion is None:
+        promoted, old_score, reason = True, None, "first version becomes champion"
+    elif str(champion.version) == version:
+        promoted, old_score, reason = True, new_score, "already champion"
+    else:
+        old_score = float((champion.tags or {}).get(f"metric.{metric}", "nan"))
+        promoted = not (new_score <= old_score + margin)  # a NaN champion score loses
+        reason = f"{metric} {new_score:.4f} vs champion v{champion.version} {old_score:.4f} (margin {margin})"
+    if promoted:
+        c.set_registered_model_alias(name, CHAMPION, version)
+    c.set_model_version_tag(name, version, "visionflow.promoted", str(promoted).lower())
+    c.set_model_version_tag(name, version, "visionflow.gate", reason)
+    run_logger().info("champion gate for %s v%s: %s -> %s", name, version, reason, "promoted" if promoted else "kept champion")
+    return {"promoted": promoted, "reason": reason, "new_score": new_score, "champion_score": old_score}
+
+
+def _download(name: str, version: str) -> str:
+    """Fetch a registered version's artifacts once into the home's model cache."""
+    import mlflow
+
+    # Keyed by the tracking store too: version 3 on one server is not version 3 on another.
+    store = hashlib.sha256(mlflow_tracking_uri().encode()).hexdigest()[:12]
+    dest = visionflow_home() / "models" / store / name / version
+    if not (dest / ".complete").exists():
+        dest.mkdir(parents=True, exist_ok=True)
+        mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(dest))
+        (dest / ".complete").touch()
+    return str(dest)
+
+
+def resolve_model(uri: str) -> tuple[str, str]:
+    """Map a model reference to (local package or checkpoint path, version string).
+
+    Accepts ``models:/NAME@ALIAS``, ``models:/NAME/VERSION`` and a checkpoint file or package
+    folder written by visionflow. Aliases are resolved to a version first, so the cache key is
+    the immutable version and a moved alias is never served stale.
+    """
+    if not uri.startswith("models:/"):
+        path = Path(uri).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(f"model {uri!r} is neither a models:/ URI nor an existing file")
+        return str(path.resolve()), path.name
+    c = client()
+    ref = uri.removeprefix("models:/")
+    if "@" in ref:
+        name, alias = ref.split("@", 1)
+        version = str(c.get_model_version_by_alias(name, alias).version)
+    else:
+        name, _, version = ref.partition("/")
+        if not version:
+            raise ValueError(f"model URI {uri!r} needs a version or an alias: models:/NAME/VERSION or models:/NAME@ALIAS")
+        c.get_model_version(name, version)  # a clear error now if it does not exist
+    return _download(name, version), version

@@ -1,0 +1,136 @@
+"""Session-wide test environment and real servers.
+
+Everything a test writes goes under one temporary folder: the visionflow home (embedded MLflow
+store, model cache), Prefect's home (its SQLite database) and the servers' stores. Telemetry is
+off before Prefect or MLflow is imported anywhere.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+_SESSION_ROOT = Path(tempfile.mkdtemp(prefix="visionflow-tests-"))
+os.environ["VISIONFLOW_HOME"] = str(_SESSION_ROOT / "home")
+os.environ["PREFECT_HOME"] = str(_SESSION_ROOT / "prefect-home")
+(_SESSION_ROOT / "prefect-home").mkdir(parents=True, exist_ok=True)
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ["DO_NOT_TRACK"] = "1"
+os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "180"
+os.environ["MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING"] = "false"
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+os.environ.pop("PREFECT_API_URL", None)
+
+import pytest  # noqa: E402
+
+from tests import servers  # noqa: E402
+
+BIN = Path(sys.executable).parent
+
+
+def _server_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(extra)
+    return env
+
+
+@pytest.fixture(scope="session")
+def session_root() -> Path:
+    return _SESSION_ROOT
+
+
+@pytest.fixture(scope="session")
+def digits_dir(session_root: Path) -> Path:
+    """A small real data set: 12 handwritten digits per class, 32 px."""
+    from cvlib.demo_data import write_digits
+
+    out = session_root / "digits"
+    write_digits(out, size=32, per_class=12)
+    return out
+
+
+def _start_mlflow(root: Path, backend_uri: str, name: str):
+    port = servers.free_port()
+    artifacts = root / f"{name}-artifacts"
+    artifacts.mkdir(parents=True, exist_ok=True)
+    cmd = [
+        str(BIN / "mlflow"), "server",
+        "--backend-store-uri", backend_uri,
+        "--artifacts-destination", str(artifacts),
+        "--host", servers.LOOPBACK, "--port", str(port), "--workers", "1",
+    ]
+    url = f"http://{servers.LOOPBACK}:{port}"
+    return servers.running(cmd, env=_server_env(), health_url=f"{url}/health", log=root / f"{name}.log"), url
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(session_root: Path):
+    """A real `mlflow server` (SQLite backend, local artifacts) on a free loopback port."""
+    ctx, url = _start_mlflow(session_root, f"sqlite:///{session_root / 'mlflow-server.db'}", "mlflow-sqlite")
+    with ctx:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    if not servers.postgres_available():
+        pytest.skip("PostgreSQL does not answer on 127.0.0.1:5432")
+    url = servers.create_postgres_database("visionflow_test")
+    yield url
+    servers.drop_postgres_database(url)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server_postgres(session_root: Path, postgres_url: str):
+    """A real `mlflow server` whose tracking and registry store is PostgreSQL."""
+    ctx, url = _start_mlflow(session_root, postgres_url, "mlflow-postgres")
+    with ctx:
+        yield url
+
+
+def _start_prefect(root: Path, name: str, **extra_env: str):
+    port = servers.free_port()
+    home = root / f"{name}-home"
+    home.mkdir(parents=True, exist_ok=True)
+    env = _server_env(PREFECT_HOME=str(home), PREFECT_UI_ENABLED="false", **extra_env)
+    env.pop("PREFECT_API_URL", None)
+    cmd = [str(BIN / "prefect"), "server", "start", "--host", servers.LOOPBACK, "--port", str(port)]
+    url = f"http://{servers.LOOPBACK}:{port}/api"
+    return servers.running(cmd, env=env, health_url=f"{url}/health", log=root / f"{name}.log"), url
+
+
+@pytest.fixture(scope="session")
+def prefect_server(session_root: Path):
+    """A real `prefect server start` (SQLite) on a free loopback port; yields its API URL."""
+    ctx, url = _start_prefect(session_root, "prefect-sqlite")
+    with ctx:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def prefect_server_postgres(session_root: Path, postgres_url: str):
+    ctx, url = _start_prefect(
+        session_root, "prefect-postgres",
+        PREFECT_API_DATABASE_CONNECTION_URL=postgres_url.replace("postgresql+psycopg2://", "postgresql+asyncpg://"),
+    )
+    with ctx:
+        yield url
+
+
+@pytest.fixture
+def use_prefect(monkeypatch):
+    """Point this process (and its children) at a given Prefect API for one test."""
+    from contextlib import ExitStack
+
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    stack = ExitStack()
+
+    def _use(url: str) -> None:
+        monkeypatch.setenv("PREFECT_API_URL", url)
+        stack.enter_context(temporary_settings(updates={PREFECT_API_URL: url}))
+
+    yield _use
+    stack.close()
