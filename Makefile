@@ -6,6 +6,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
+# Commands that exec tools by name (mlflow models serve -> uvicorn) find the environment's.
+export PATH := $(abspath $(BIN)):$(PATH)
 # Telemetry off: nothing may wait on the network.
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1

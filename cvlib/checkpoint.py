@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from cvlib.atomic import atomic_write
 from cvlib.models import create_model
 
 PACKAGE_WEIGHTS = "model.safetensors"
@@ -28,19 +28,11 @@ PACKAGE_META = "visionflow.json"
 
 
 def save_atomic(obj: Any, path: str | os.PathLike[str]) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """``torch.save`` through :func:`cvlib.atomic.atomic_write`: a crash mid-save keeps the
+    previous checkpoint."""
+    with atomic_write(path) as f:
+        torch.save(obj, f)
+    return Path(path)
 
 
 def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -100,3 +92,4 @@ def load_package(path: str | os.PathLike[str]) -> tuple[nn.Module, dict[str, Any
     model = build_from_meta(meta)
     model.load_state_dict(load_file(str(meta_file.parent / PACKAGE_WEIGHTS)))
     return model.eval(), meta
+

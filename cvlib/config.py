@@ -7,7 +7,7 @@ same everywhere.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -87,6 +87,16 @@ class ReportConfig(_Config):
     seed: int = 0
 
 
+class GateConfig(_Config):
+    """When a new version may replace the champion."""
+
+    metric: str = Field("val_top1", description="Validation metric compared (higher is better).")
+    margin: float = Field(0.0, ge=0.0, description="The challenger must beat the champion by more than this.")
+    promote_on_class_change: bool = Field(
+        False, description="Promote when the class list changed (the champion cannot be scored on the new labels)."
+    )
+
+
 class RetrainConfig(_Config):
     """Everything one retraining run needs beyond the data folder."""
 
@@ -96,6 +106,8 @@ class RetrainConfig(_Config):
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
+    gate: GateConfig = Field(default_factory=GateConfig)
+    log_system_metrics: bool = Field(True, description="Record CPU/GPU/memory use in the MLflow run while training.")
 
 
 def flatten(config: BaseModel, prefix: str = "") -> dict[str, Any]:

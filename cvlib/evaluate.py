@@ -53,3 +53,32 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> Eval
     top5 = (topk == targets[:, None]).any(dim=1).float().mean().item()
     n = len(targets)
     return Evaluation(sum(losses) / n, top1, top5, n, targets.numpy(), probs.numpy())
+
+
+def evaluate_split(
+    model: nn.Module,
+    meta: dict,
+    data_root: str,
+    manifest,
+    split: str = "val",
+    *,
+    batch_size: int = 64,
+    num_workers: int = 2,
+    device: str = "auto",
+) -> Evaluation:
+    """Evaluate a packaged model on one split of a manifest, with the package's own
+    preprocessing and its class order mapped onto the manifest's labels."""
+    from cvlib.data import ManifestDataset, make_loader
+    from cvlib.models import pick_device
+    from cvlib.transforms import eval_preset_from
+
+    pre = meta["preprocessing"]
+    ds = ManifestDataset(data_root, manifest, split, eval_preset_from(pre), draft_size=2 * int(pre["resize_size"]))
+    index = {name: i for i, name in enumerate(meta["class_names"])}
+    rows = manifest[(manifest["status"] == "ok") & (manifest["split"] == split)]
+    missing = sorted(set(rows["label"]) - set(index))
+    if missing:
+        raise ValueError(f"the model does not know the classes {missing}")
+    ds.targets = [index[label] for label in rows["label"]]
+    dev = pick_device(device)
+    return evaluate(model.to(dev), make_loader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers), dev)

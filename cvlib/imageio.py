@@ -53,6 +53,7 @@ _UPRIGHT = {
     8: Image.Transpose.ROTATE_90,
 }
 _DRAFT_MIN = 64
+_PLAIN_MODES = frozenset({"L", "RGB", "CMYK", "YCbCr", "1", "P", "RGBA", "LA"})  # convert() always works
 _HIGH_DEPTH_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I", "F"})
 _ALPHA_MODES = frozenset({"RGBA", "LA", "La", "PA", "RGBa"})
 
@@ -216,6 +217,8 @@ def _check_header(im: Image.Image, max_pixels: int) -> None:
 def _check_convertible(im: Image.Image) -> None:
     """Run the RGB conversion on one pixel, so a file probe accepts never fails later in
     ``load_rgb`` (a crash mid-epoch) because of an exotic pixel mode."""
+    if im.mode in _PLAIN_MODES:
+        return
     try:
         _pixels_to_rgb(im.crop((0, 0, 1, 1)), BACKGROUND)
     except (ValueError, OSError) as exc:
@@ -377,7 +380,7 @@ def _dct_matrix(n: int) -> np.ndarray:
     return m
 
 
-_DCT = _dct_matrix(_HASH_SIDE)
+_DCT8 = _dct_matrix(_HASH_SIDE)[:8]
 
 
 def _phash_loaded(im: Image.Image, orientation: int) -> int:
@@ -398,8 +401,9 @@ def _phash_loaded(im: Image.Image, orientation: int) -> int:
     if orientation != 1:
         small = small.transpose(_UPRIGHT[orientation])
     pixels = np.asarray(small, dtype=np.float64)
-    coeffs = (_DCT @ pixels @ _DCT.T)[:8, :8].ravel()
-    bits = coeffs > np.median(coeffs)
+    coeffs = (_DCT8 @ pixels @ _DCT8.T).ravel()  # only the 8x8 lowest frequencies are used
+    middle = np.partition(coeffs, (31, 32))[31:33]
+    bits = coeffs > middle.mean()  # the median of 64 values
     return int.from_bytes(np.packbits(bits).tobytes(), "big")
 
 

@@ -10,6 +10,8 @@ import torch
 import torchvision
 from torch import nn
 
+from cvlib.simple_cnn import build_simple_cnn
+
 WEIGHT_NAMES_HINT = "use --weights none for random initialisation or --weights PATH for a local file"
 
 
@@ -17,29 +19,53 @@ class WeightsUnavailableError(RuntimeError):
     """Pretrained weights were asked for and could not be loaded."""
 
 
+class NoPretrainedWeightsError(WeightsUnavailableError, ValueError):
+    """Named weights were asked for an architecture that has none (a ValueError: the request is
+    wrong, not the machine; a WeightsUnavailableError: the CLI's preflight prints it as one line)."""
+
+
+# Architectures visionflow builds itself, checked before torchvision's registry. A builder takes
+# (num_classes, **model_kwargs) and returns a model whose last layer is a Linear that
+# ``_head_attr`` finds; create_model puts the transfer head there, as for torchvision models.
+CUSTOM_ARCHS = {"simple_cnn": build_simple_cnn}
+
+
 def transfer_head(in_features: int, num_classes: int, *, hidden_dim: int = 512, dropout: float = 0.3) -> nn.Sequential:
     """Dropout -> Linear -> ReLU -> Dropout -> Linear, the notebook's head."""
-    return nn.Sequential(
+    head = nn.Sequential(
         nn.Dropout(dropout),
         nn.Linear(in_features, hidden_dim),
         nn.ReLU(inplace=True),
         nn.Dropout(dropout),
         nn.Linear(hidden_dim, num_classes),
     )
+    head.is_transfer_head = True  # how _head_attr tells our head from a torchvision classifier
+    return head
+
+
+def _first_linear(block: nn.Sequential) -> nn.Linear:
+    return next(m for m in block if isinstance(m, nn.Linear))
 
 
 def _head_attr(model: nn.Module) -> tuple[nn.Module, str, int]:
     """Locate the final classifier layer: (parent module, attribute name, in_features)."""
-    if isinstance(getattr(model, "fc", None), nn.Linear):
-        return model, "fc", model.fc.in_features
+    fc = getattr(model, "fc", None)
+    if isinstance(fc, nn.Linear):
+        return model, "fc", fc.in_features
+    if isinstance(fc, nn.Sequential) and getattr(fc, "is_transfer_head", False):
+        return model, "fc", _first_linear(fc).in_features
     for attr in ("classifier", "heads"):
         block = getattr(model, attr, None)
         if isinstance(block, nn.Linear):
             return model, attr, block.in_features
+        if isinstance(block, nn.Sequential) and getattr(block, "is_transfer_head", False):
+            return model, attr, _first_linear(block).in_features
         if isinstance(block, nn.Sequential):
-            for i in range(len(block) - 1, -1, -1):
-                if isinstance(block[i], nn.Linear):
-                    return block, str(i), block[i].in_features
+            # By child name, not index: ViT's ``heads`` names its Linear "head", and setting
+            # attribute "0" would append a second head instead of replacing it.
+            for name, child in reversed(list(block.named_children())):
+                if isinstance(child, nn.Linear):
+                    return block, name, child.in_features
     raise ValueError(f"cannot find the classifier layer of {type(model).__name__}")
 
 
@@ -57,6 +83,11 @@ def resolve_weights(arch: str, weights: str | None):
         if not path.is_file():
             raise WeightsUnavailableError(f"weights file {path} does not exist; {WEIGHT_NAMES_HINT}")
         return None, path
+    if arch in CUSTOM_ARCHS:
+        raise NoPretrainedWeightsError(
+            f"no pretrained weights exist for {arch} (it trains from scratch), so {weights!r} cannot be had; "
+            f"{WEIGHT_NAMES_HINT}"
+        )
     try:
         enum = torchvision.models.get_model_weights(arch)
     except ValueError as exc:
@@ -88,13 +119,27 @@ def create_model(
     hidden_dim: int = 512,
     dropout: float = 0.3,
     freeze_backbone: bool = False,
+    **model_kwargs,
 ) -> nn.Module:
-    """A torchvision classifier with its last layer replaced by the transfer head."""
+    """A classifier (one of :data:`CUSTOM_ARCHS`, else torchvision's registry) with its last
+    layer replaced by the transfer head.
+
+    ``model_kwargs`` go to the architecture's constructor (``image_size=32`` for a small ViT,
+    ``width=16`` for simple_cnn); a model package records none, so a model trained with them
+    must be rebuilt with the same ones.
+    """
     tv_weights, path = resolve_weights(arch, weights)
-    try:
-        model = torchvision.models.get_model(arch, weights=None)
-    except ValueError as exc:
-        raise ValueError(f"unknown architecture {arch!r}; see torchvision.models.list_models()") from exc
+    if arch in CUSTOM_ARCHS:
+        model = CUSTOM_ARCHS[arch](num_classes, **model_kwargs)
+    else:
+        try:
+            builder = torchvision.models.get_model_builder(arch)
+        except ValueError as exc:
+            raise ValueError(
+                f"unknown architecture {arch!r}; choose one of {', '.join(CUSTOM_ARCHS)} or see "
+                "torchvision.models.list_models()"
+            ) from exc
+        model = builder(weights=None, **model_kwargs)  # a bad kwarg's own error is not "unknown arch"
     if tv_weights is not None:
         model.load_state_dict(load_pretrained_state(tv_weights))
     elif path is not None:
@@ -107,22 +152,47 @@ def create_model(
     return model
 
 
+def _read_state_file(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt file, pickle refused by weights_only, wrong format...
+        raise WeightsUnavailableError(f"{path} is not a loadable weights file ({type(exc).__name__}: {exc}); {WEIGHT_NAMES_HINT}") from exc
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]  # a visionflow checkpoint
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsUnavailableError(f"{path} does not hold a state dict of tensors; {WEIGHT_NAMES_HINT}")
+    return state
+
+
 def _load_backbone_file(model: nn.Module, path: Path) -> None:
     """Load a local backbone state dict (torchvision layout, or a visionflow checkpoint's
-    ``model`` entry); the original classifier layer may be absent or of another size."""
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-        state = state["model"]
+    ``model`` entry). Every backbone tensor must be there with the right shape: a file from
+    another architecture that happens to share a few shapes must not half-load silently. Only
+    the classifier layer, which the transfer head replaces, may be absent or differ."""
+    state = _read_state_file(path)
+    parent, attr, _ = _head_attr(model)
+    head_prefix = f"{attr}." if parent is model else None
     own = model.state_dict()
-    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    if not usable:
-        raise WeightsUnavailableError(f"{path} holds no tensors that fit {type(model).__name__}; {WEIGHT_NAMES_HINT}")
-    model.load_state_dict(usable, strict=False)
+    backbone = {k: v for k, v in own.items() if head_prefix is None or not k.startswith(head_prefix)}
+    if head_prefix is None:  # head inside a block (classifier.N): skip that block's last Linear
+        head_module = getattr(parent, attr)
+        head_names = {n for n, m in model.named_modules() if m is head_module}
+        backbone = {k: v for k, v in backbone.items() if not any(k.startswith(h + ".") for h in head_names)}
+    missing = [k for k in backbone if k not in state]
+    wrong = [k for k in backbone if k in state and state[k].shape != backbone[k].shape]
+    if not [k for k in backbone if k in state] and not missing:
+        missing = list(backbone)
+    if missing or wrong:
+        detail = f"{len(missing)} missing (e.g. {missing[:3]}), {len(wrong)} of the wrong shape (e.g. {wrong[:3]})"
+        if len(missing) == len(backbone):
+            detail = "no tensors that fit"
+        raise WeightsUnavailableError(f"{path} does not fit {type(model).__name__}: {detail}; {WEIGHT_NAMES_HINT}")
+    model.load_state_dict({k: state[k] for k in backbone}, strict=False)
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -145,6 +215,7 @@ def check_weights(arch: str, weights: str | None) -> str:
     if tv_weights is None and path is None:
         return "random initialisation"
     if path is not None:
+        _read_state_file(path)  # fails now, with the remedy, rather than after ingestion
         return f"weights file {path}"
     load_pretrained_state(tv_weights)
     return f"pretrained {arch} {tv_weights}"

@@ -4,34 +4,23 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from cvlib.atomic import atomic_write
+
 
 def write_table_atomic(table: pa.Table, out: str | os.PathLike[str], metadata: dict[str, str] | None = None) -> Path:
-    """Write to a temporary file in the same folder, fsync, then ``os.replace`` into place.
-
-    A reader sees either the old file or the complete new one, never a torn write.
-    """
+    """Write a table atomically, with string key-value metadata (JSON for non-strings)."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     if metadata:
         merged = dict(table.schema.metadata or {})
         merged.update({k.encode(): (v if isinstance(v, str) else json.dumps(v)).encode() for k, v in metadata.items()})
         table = table.replace_schema_metadata(merged)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            pq.write_table(table, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(out) as f:
+        pq.write_table(table, f)
     return out
 
 
@@ -45,3 +34,4 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
         path = parts[0]
     meta = pq.read_schema(path).metadata or {}
     return {k.decode(): v.decode() for k, v in meta.items() if not k.startswith(b"ARROW:") and k != b"pandas"}
+

@@ -9,14 +9,13 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pyarrow as pa
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from cvlib.imageio import ImageReadError, is_image_name, load_rgb
+from cvlib.imageio import ImageReadError, claims_image, load_rgb
 from cvlib.models import pick_device
 from cvlib.parquet import write_table_atomic
 from cvlib.transforms import eval_preset_from
@@ -44,9 +43,9 @@ PREDICTIONS_SCHEMA = pa.schema(
 
 
 def list_input_files(root: str | os.PathLike[str]) -> list[str]:
-    """Every non-hidden file under ``root`` that claims to be an image, sorted, relative to root.
-
-    Files whose content turns out not to be an image still get a row (with an error).
+    """Every non-hidden file under ``root`` that claims to be an image (accepted format or not),
+    sorted, relative to root. Files whose content turns out not to be usable still get a row
+    (with an error): nothing that looks like an input is dropped.
     """
     root = Path(root)
     if root.is_file():
@@ -57,7 +56,7 @@ def list_input_files(root: str | os.PathLike[str]) -> list[str]:
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in filenames:
-            if not name.startswith(".") and is_image_name(name):
+            if not name.startswith(".") and claims_image(name):
                 out.append(Path(dirpath, name).relative_to(root).as_posix())
     return sorted(out)
 

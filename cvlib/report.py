@@ -18,6 +18,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from PIL import Image
 from torch import nn
 
+from cvlib.atomic import write_bytes_atomic
 from cvlib.gradcam import explain_batch, heatmap_rgb, overlay
 from cvlib.imageio import ImageReadError, load_rgb
 from cvlib.models import pick_device
@@ -144,9 +145,4 @@ def render_report(
 
 def write_report(html: str, out: str | os.PathLike[str]) -> Path:
     """Write atomically so a browser never opens half a report."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(html, encoding="utf-8")
-    os.replace(tmp, out)
-    return out
+    return write_bytes_atomic(out, html.encode("utf-8"))

@@ -13,7 +13,8 @@ def warmup_cosine_factor(step: int, *, warmup_steps: int, total_steps: int, min_
     """Multiplier of the base lr at optimizer step ``step`` (0-based)."""
     if warmup_steps > 0 and step < warmup_steps:
         return (step + 1) / warmup_steps
-    decay_steps = max(1, total_steps - warmup_steps)
+    # The last optimizer step is total_steps - 1: that step, not the one after, uses the floor.
+    decay_steps = max(1, total_steps - warmup_steps - 1)
     progress = min(1.0, (step - warmup_steps) / decay_steps)
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 

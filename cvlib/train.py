@@ -23,7 +23,12 @@ from cvlib.data import ManifestDataset, make_loader
 from cvlib.evaluate import evaluate
 from cvlib.models import create_model, pick_device
 from cvlib.schedule import warmup_cosine
-from cvlib.transforms import EvalPreset, preprocessing_record, resize_size_for, train_preset
+from cvlib.transforms import (
+    EvalPreset,
+    preprocessing_record,
+    resize_size_for,
+    train_preset,
+)
 
 LAST = "last.pt"
 BEST = "best.pt"

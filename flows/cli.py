@@ -221,6 +221,31 @@ def cmd_kernels(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_featuremaps(args: argparse.Namespace) -> int:
+    """One layer's feature maps for one image, as a PNG grid. No Prefect flow: a quick look
+    should start in a second, and only a models:/ URI pays for importing MLflow."""
+    image, model_ref = _existing(args.image, "image"), _model_ref(args.model)
+    from cvlib.checkpoint import load_package
+    from cvlib.featuremaps import feature_maps, render_feature_maps
+    from cvlib.imageio import ImageReadError, load_rgb
+    from cvlib.transforms import eval_preset_from
+
+    if model_ref.startswith("models:/"):
+        from tasks.registry import resolve_model
+
+        model_ref, _ = resolve_model(model_ref)
+    model, meta = load_package(model_ref)
+    try:
+        x = eval_preset_from(meta["preprocessing"])(load_rgb(image)).unsqueeze(0)
+        maps = feature_maps(model, x, args.layer)
+        title = f"{meta['arch']} {args.layer}: {maps.shape[0]} maps of {maps.shape[1]}x{maps.shape[2]} ({Path(image).name})"
+        out = render_feature_maps(maps, args.out, max_maps=args.max_maps, title=title)
+    except (ImageReadError, ValueError) as exc:
+        raise CliError(str(exc)) from exc
+    _print_paths("feature maps written", {"png": out.resolve(), "layer": args.layer, "maps": f"{min(maps.shape[0], args.max_maps)} of {maps.shape[0]}"})
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="visionflow", description="Retrain and serve image classifiers as Prefect flows.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -284,6 +309,14 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("image")
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_kernels)
+
+    s = sub.add_parser("featuremaps", help="render one layer's feature maps for an image")
+    s.add_argument("image")
+    s.add_argument("--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION, a checkpoint file or package folder")
+    s.add_argument("--layer", required=True, help="module name, e.g. features.block1.relu or layer1.0.conv1 (a wrong name lists them)")
+    s.add_argument("--out", required=True)
+    s.add_argument("--max-maps", type=int, default=32)
+    s.set_defaults(func=cmd_featuremaps)
     return p
 
 

@@ -12,8 +12,23 @@ from cvlib.config import RetrainConfig
 from tasks.environment import mlflow_tracking_uri, runs_dir
 from tasks.explain import validation_report
 from tasks.ingest import ingest
-from tasks.registry import end_run, log_artifact, promote, register_model, start_run
+from tasks.registry import (
+    champion_gate,
+    end_run,
+    log_artifact,
+    register_model,
+    start_run,
+)
 from tasks.train import fine_tune, validate
+
+
+def _example_image(data) -> str | None:
+    """A validation image for the model's input example."""
+    from cvlib.ingest import read_manifest
+
+    manifest = read_manifest(data.manifest_path)
+    val = manifest[(manifest["status"] == "ok") & (manifest["split"] == "val")]
+    return str(Path(data.data_dir) / val["path"].iloc[0]) if len(val) else None
 
 
 @flow(name="retrain", flow_run_name="retrain-{data_dir}", log_prints=True)
@@ -27,7 +42,10 @@ def retrain(data_dir: str, config: RetrainConfig = RetrainConfig(), output_dir: 
     run_id = start_run(config, data, flow_run_id=flow_run.id)
     try:
         trained = fine_tune(data, config, str(out / "checkpoints"), run_id)
-        validation = validate(data, trained.best_checkpoint, run_id, batch_size=config.train.batch_size, num_workers=config.train.num_workers)
+        validation = validate(
+            data, trained.best_checkpoint, run_id, trained.history, str(out / "evaluation"),
+            batch_size=config.train.batch_size, num_workers=config.train.num_workers,
+        )
         report = validation_report(
             data,
             trained.best_checkpoint,
@@ -37,8 +55,10 @@ def retrain(data_dir: str, config: RetrainConfig = RetrainConfig(), output_dir: 
         )
         log_artifact(run_id, report, "report")
         log_artifact(run_id, data.manifest_path, "data")
-        registered = register_model(run_id, trained.best_checkpoint, config.model_name, validation)
-        decision = promote(registered)
+        registered = register_model(run_id, trained.best_checkpoint, config.model_name, validation, example_image=_example_image(data))
+        decision = champion_gate(
+            registered, data, validation, config.gate, batch_size=config.train.batch_size, num_workers=config.train.num_workers
+        )
     except BaseException:
         end_run(run_id, "FAILED")
         raise

@@ -24,6 +24,7 @@ class TrainResult(BaseModel):
 class Validation(BaseModel):
     metrics: dict[str, float]
     n: int
+    figures_dir: str | None = None
 
 
 class RegisteredVersion(BaseModel):

@@ -7,6 +7,8 @@ run", so tasks running in threads cannot log into each other's runs.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 import json
 import tempfile
 from pathlib import Path
@@ -14,7 +16,7 @@ from typing import Any
 
 from prefect import task
 
-from cvlib.config import RetrainConfig, flatten
+from cvlib.config import GateConfig, RetrainConfig, flatten
 from tasks.environment import mlflow_artifact_root, mlflow_tracking_uri, visionflow_home
 from tasks.log import run_logger
 from tasks.records import IngestResult, RegisteredVersion, Validation
@@ -88,6 +90,27 @@ def log_artifact(run_id: str, path: str | Path, artifact_path: str | None = None
     client().log_artifact(run_id, str(path), artifact_path)
 
 
+def log_artifacts(run_id: str, folder: str | Path, artifact_path: str | None = None) -> None:
+    client().log_artifacts(run_id, str(folder), artifact_path)
+
+
+@contextmanager
+def system_metrics(run_id: str, enabled: bool = True) -> Iterator[None]:
+    """CPU, memory and GPU use sampled into the run while the block runs (MLflow's monitor,
+    bound to our run id rather than to a global active run)."""
+    if not enabled:
+        yield
+        return
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=5, samples_before_logging=1, tracking_uri=mlflow_tracking_uri())
+    monitor.start()
+    try:
+        yield
+    finally:
+        monitor.finish()
+
+
 def end_run(run_id: str, status: str = "FINISHED") -> None:
     client().set_terminated(run_id, status)
 
@@ -117,7 +140,9 @@ def _find_version_for_run(name: str, run_id: str):
 
 
 @task(name="register-model", retries=3, retry_delay_seconds=[2, 10, 30])
-def register_model(run_id: str, checkpoint: str, model_name: str, validation: Validation) -> RegisteredVersion:
+def register_model(
+    run_id: str, checkpoint: str, model_name: str, validation: Validation, example_image: str | None = None
+) -> RegisteredVersion:
     """Log the model package under the run and register it as a new version.
 
     Idempotent: a retry after a partial failure finds the version already registered for this
@@ -145,6 +170,7 @@ def register_model(run_id: str, checkpoint: str, model_name: str, validation: Va
                 artifacts={"package": str(package)},
                 code_paths=[str(Path(cvlib.__file__).parent)],
                 signature=_signature(),
+                input_example=_input_example(example_image),
                 pip_requirements=_requirements(),
             )
     version = mlflow.register_model(info.model_uri, model_name, tags={RUN_TAG: run_id})
@@ -172,38 +198,110 @@ def _signature():
     )
 
 
+def _input_example(image: str | None):
+    """One real image as raw bytes: the REST example a user copies (bytes travel as base64)."""
+    if image is None:
+        return None
+    import pandas as pd
+
+    return pd.DataFrame({"image": [Path(image).read_bytes()]})
+
+
 def _requirements() -> list[str]:
     from importlib.metadata import version
 
     return [f"{pkg}=={version(pkg)}" for pkg in ("torch", "torchvision", "pillow", "numpy", "pandas", "safetensors", "mlflow")]
 
 
+def _champion_version(name: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client().get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        return None
+
+
+def _score_champion(champion, ingest: IngestResult, metric: str, batch_size: int, num_workers: int) -> tuple[float | None, str | None]:
+    """Re-evaluate the champion on the challenger's validation split: scores recorded at its own
+    training time came from another split and are not comparable. Returns (score, why not)."""
+    from cvlib.checkpoint import load_package
+    from cvlib.evaluate import evaluate_split
+    from cvlib.ingest import read_manifest
+    from cvlib.metrics import classification_metrics
+
+    local, _ = resolve_model(f"models:/{champion.name}/{champion.version}")
+    model, meta = load_package(local)
+    if list(meta["class_names"]) != list(ingest.class_names):
+        return None, f"class list changed ({len(meta['class_names'])} -> {len(ingest.class_names)} classes)"
+    manifest = read_manifest(ingest.manifest_path)
+    ev = evaluate_split(model, meta, ingest.data_dir, manifest, "val", batch_size=batch_size, num_workers=num_workers)
+    report = classification_metrics(ev.targets, ev.probs, meta["class_names"], prefix="val_")
+    scores = report["metrics"] | {"val_loss": ev.loss}
+    if metric not in scores:
+        raise ValueError(f"unknown gate metric {metric!r}; choose one of {sorted(scores)}")
+    return float(scores[metric]), None
+
+
 @task(name="champion-gate", retries=3, retry_delay_seconds=[1, 5, 15])
-def promote(registered: RegisteredVersion, metric: str = "val_top1", margin: float = 0.0) -> dict[str, Any]:
-    """Give the new version the ``challenger`` alias and make it ``champion`` when there is no
-    champion yet or when it beats the champion's recorded metric by ``margin``."""
+def champion_gate(
+    registered: RegisteredVersion, ingest: IngestResult, validation: Validation, gate: GateConfig,
+    batch_size: int = 64, num_workers: int = 2,
+) -> dict[str, Any]:
+    """Alias the new version ``challenger``; move ``champion`` only when it wins.
+
+    The challenger wins when there is no champion yet, or when its validation ``gate.metric``
+    beats the champion's, re-measured on the same split, by more than ``gate.margin``.
+    The decision and both scores become version tags and a Prefect artifact.
+    """
+    from prefect.artifacts import create_markdown_artifact
+
     c = client()
     name, version = registered.name, registered.version
     c.set_registered_model_alias(name, CHALLENGER, version)
-    new_score = float(c.get_model_version(name, version).tags.get(f"metric.{metric}", "nan"))
-    try:
-        champion = c.get_model_version_by_alias(name, CHAMPION)
-    except Exception:
-        champion = None
+    if gate.metric not in validation.metrics:
+        raise ValueError(f"unknown gate metric {gate.metric!r}; choose one of {sorted(validation.metrics)}")
+    new_score = float(validation.metrics[gate.metric])
+    champion = _champion_version(name)
+    old_score: float | None = None
     if champion is None:
-        promoted, old_score, reason = True, None, "first version becomes champion"
+        promoted, reason = True, "no champion yet: the first version becomes champion"
     elif str(champion.version) == version:
-        promoted, old_score, reason = True, new_score, "already champion"
+        promoted, reason = True, "already champion"
     else:
-        old_score = float((champion.tags or {}).get(f"metric.{metric}", "nan"))
-        promoted = not (new_score <= old_score + margin)  # a NaN champion score loses
-        reason = f"{metric} {new_score:.4f} vs champion v{champion.version} {old_score:.4f} (margin {margin})"
+        old_score, not_comparable = _score_champion(champion, ingest, gate.metric, batch_size, num_workers)
+        if not_comparable:
+            promoted = gate.promote_on_class_change
+            reason = f"{not_comparable}; " + ("promoted by configuration" if promoted else "kept champion v" + str(champion.version))
+        else:
+            promoted = new_score > old_score + gate.margin
+            reason = (
+                f"{gate.metric}: challenger {new_score:.4f} vs champion v{champion.version} {old_score:.4f} "
+                f"(margin {gate.margin}): {'challenger wins' if promoted else 'champion stays'}"
+            )
     if promoted:
         c.set_registered_model_alias(name, CHAMPION, version)
-    c.set_model_version_tag(name, version, "visionflow.promoted", str(promoted).lower())
-    c.set_model_version_tag(name, version, "visionflow.gate", reason)
-    run_logger().info("champion gate for %s v%s: %s -> %s", name, version, reason, "promoted" if promoted else "kept champion")
-    return {"promoted": promoted, "reason": reason, "new_score": new_score, "champion_score": old_score}
+    tags = {
+        "visionflow.gate.promoted": str(promoted).lower(),
+        "visionflow.gate.reason": reason,
+        "visionflow.gate.metric": gate.metric,
+        "visionflow.gate.challenger_score": f"{new_score:.6f}",
+        "visionflow.gate.champion_score": "" if old_score is None else f"{old_score:.6f}",
+        "visionflow.gate.champion_version": "" if champion is None else str(champion.version),
+    }
+    for key, value in tags.items():
+        c.set_model_version_tag(name, version, key, value)
+    create_markdown_artifact(
+        key="promotion-decision",
+        markdown=(
+            f"# Champion gate: {name} v{version}\n\n| decision | metric | challenger | champion |\n|---|---|---|---|\n"
+            f"| {'promoted to champion' if promoted else 'challenger only'} | {gate.metric} | {new_score:.4f} | "
+            f"{'-' if old_score is None else f'{old_score:.4f} (v{champion.version})'} |\n\n{reason}"
+        ),
+        description=f"Promotion decision for {name} v{version}",
+    )
+    run_logger().info("champion gate for %s v%s: %s", name, version, reason)
+    return {"promoted": promoted, "reason": reason, "challenger_score": new_score, "champion_score": old_score}
 
 
 def _download(name: str, version: str) -> str:

@@ -11,7 +11,7 @@ from cvlib.config import RetrainConfig
 from cvlib.ingest import read_manifest
 from tasks.log import run_logger
 from tasks.records import IngestResult, TrainResult, Validation
-from tasks.registry import log_metrics
+from tasks.registry import log_artifacts, log_metrics, system_metrics
 
 
 @task(name="fine-tune")
@@ -30,16 +30,17 @@ def fine_tune(ingest: IngestResult, config: RetrainConfig, checkpoint_dir: str, 
             record.epoch, record.train_loss, record.val_loss, record.val_top1, record.seconds,
         )
 
-    result = fit(
-        data_root=ingest.data_dir,
-        manifest=read_manifest(ingest.manifest_path),
-        class_names=ingest.class_names,
-        config=config,
-        out_dir=checkpoint_dir,
-        resume=True,
-        extra_meta={"dataset_hash": ingest.dataset_hash},
-        on_epoch=on_epoch,
-    )
+    with system_metrics(run_id, config.log_system_metrics):
+        result = fit(
+            data_root=ingest.data_dir,
+            manifest=read_manifest(ingest.manifest_path),
+            class_names=ingest.class_names,
+            config=config,
+            out_dir=checkpoint_dir,
+            resume=True,
+            extra_meta={"dataset_hash": ingest.dataset_hash},
+            on_epoch=on_epoch,
+        )
     return TrainResult(
         best_checkpoint=result.best_checkpoint,
         last_checkpoint=result.last_checkpoint,
@@ -50,20 +51,40 @@ def fine_tune(ingest: IngestResult, config: RetrainConfig, checkpoint_dir: str, 
 
 
 @task(name="validate")
-def validate(ingest: IngestResult, checkpoint: str, run_id: str, batch_size: int = 64, num_workers: int = 2) -> Validation:
-    """Evaluate the best checkpoint on the validation split: the numbers the gate compares."""
+def validate(ingest: IngestResult, checkpoint: str, run_id: str, history: list[dict], out_dir: str, batch_size: int = 64, num_workers: int = 2) -> Validation:
+    """Evaluate the best checkpoint on the validation split (and the test split when there is
+    one): the numbers the gate compares, with the figures a reviewer looks at."""
+    import json
+
     from cvlib.checkpoint import model_from_checkpoint
-    from cvlib.data import ManifestDataset, make_loader
-    from cvlib.evaluate import evaluate
-    from cvlib.models import pick_device
-    from cvlib.transforms import eval_preset_from
+    from cvlib.evaluate import evaluate_split
+    from cvlib.metrics import classification_metrics
+    from cvlib.plots import (
+        confusion_matrix_png,
+        per_class_f1_png,
+        reliability_png,
+        training_curves_png,
+    )
 
     model, meta = model_from_checkpoint(checkpoint)
-    device = pick_device("auto")
-    pre = meta["preprocessing"]
-    ds = ManifestDataset(ingest.data_dir, read_manifest(ingest.manifest_path), "val", eval_preset_from(pre), draft_size=2 * pre["resize_size"])
-    ev = evaluate(model.to(device), make_loader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers), device)
-    metrics = {f"best_{k}": v for k, v in ev.metrics("val_").items()}
-    log_metrics(run_id, metrics)
-    run_logger().info("validation of %s: %s", Path(checkpoint).name, metrics)
-    return Validation(metrics={k.removeprefix("best_"): v for k, v in metrics.items()}, n=ev.n)
+    manifest = read_manifest(ingest.manifest_path)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    metrics: dict[str, float] = {}
+    for split in ("val", "test"):
+        if not ((manifest["split"] == split) & (manifest["status"] == "ok")).any():
+            continue
+        ev = evaluate_split(model, meta, ingest.data_dir, manifest, split, batch_size=batch_size, num_workers=num_workers)
+        report = classification_metrics(ev.targets, ev.probs, meta["class_names"], prefix=f"{split}_")
+        metrics |= report["metrics"] | {f"{split}_loss": ev.loss}
+        (out / f"{split}_metrics.json").write_text(json.dumps(report, indent=2))
+        if split == "val":
+            (out / "confusion_matrix.png").write_bytes(confusion_matrix_png(report["confusion_matrix"], meta["class_names"]))
+            (out / "per_class_f1.png").write_bytes(per_class_f1_png(report["per_class"]))
+            (out / "reliability.png").write_bytes(reliability_png(report["calibration"]))
+            n = ev.n
+    (out / "training_curves.png").write_bytes(training_curves_png(history))
+    log_metrics(run_id, {f"best_{k}": v for k, v in metrics.items()})
+    log_artifacts(run_id, out, "evaluation")
+    run_logger().info("validation of %s: %s", Path(checkpoint).name, {k: round(v, 4) for k, v in metrics.items()})
+    return Validation(metrics=metrics, n=n, figures_dir=str(out))

@@ -14,50 +14,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cvlib.config import (
-    AugmentConfig,
-    ReportConfig,
-    RetrainConfig,
-    ScoreConfig,
-    TrainConfig,
-)
+from cvlib.config import ReportConfig, ScoreConfig
+from tests.integration.support import small_config
 
 pytestmark = pytest.mark.slow
-
-
-def small_config(model_name: str, arch: str = "resnet50") -> RetrainConfig:
-    return RetrainConfig(
-        model_name=model_name,
-        augment=AugmentConfig(image_size=32, resize_ratio=1.0, hflip=0.0),
-        train=TrainConfig(arch=arch, weights="none", epochs=1, batch_size=16, num_workers=0, progress=False),
-        report=ReportConfig(samples=6),
-    )
-
-
-@pytest.fixture(scope="module")
-def retrained(digits_dir, mlflow_server, prefect_server, tmp_path_factory):
-    """One retraining run shared by the tests of this module."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    from flows.retrain import retrain
-
-    name = f"skeleton-{uuid.uuid4().hex[:8]}"
-    out = tmp_path_factory.mktemp("retrain")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-    mp.setenv("PREFECT_API_URL", prefect_server)
-    try:
-        with temporary_settings(updates={PREFECT_API_URL: prefect_server}):
-            result = retrain(data_dir=str(digits_dir), config=small_config(name), output_dir=str(out))
-        yield {"result": result, "name": name, "out": out}
-    finally:
-        mp.undo()
-
-
-@pytest.fixture
-def on_servers(monkeypatch, mlflow_server, prefect_server, use_prefect):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-    use_prefect(prefect_server)
 
 
 def test_registered_version_is_champion(retrained, on_servers):
@@ -150,14 +110,16 @@ def test_retrain_report_attached_to_the_run(retrained, on_servers):
     assert "report/report.html" in artifacts
 
 
-def test_registry_on_postgres(retrained, mlflow_server_postgres, monkeypatch, tmp_path):
+def test_registry_on_postgres(retrained, mlflow_server_postgres, prefect_server, use_prefect, monkeypatch, tmp_path):
     """The production backend: register the same checkpoint on an MLflow server backed by
     PostgreSQL, resolve it by alias and load the package."""
     from cvlib.checkpoint import load_package
+    from cvlib.config import GateConfig
     from tasks.records import IngestResult, Validation
-    from tasks.registry import promote, register_model, resolve_model, start_run
+    from tasks.registry import champion_gate, register_model, resolve_model, start_run
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server_postgres)
+    use_prefect(prefect_server)
     name = f"pg-{uuid.uuid4().hex[:8]}"
     config = small_config(name)
     ingest = IngestResult(data_dir="d", manifest_path="m", dataset_hash="h", class_names=[str(d) for d in range(10)], summary={})
@@ -165,7 +127,7 @@ def test_registry_on_postgres(retrained, mlflow_server_postgres, monkeypatch, tm
     registered = register_model.fn(run_id, retrained["result"]["checkpoint"], name, Validation(metrics={"val_top1": 0.5}, n=1))
     again = register_model.fn(run_id, retrained["result"]["checkpoint"], name, Validation(metrics={"val_top1": 0.5}, n=1))
     assert again.version == registered.version, "a retried registration must not create a second version"
-    assert promote.fn(registered)["promoted"]
+    assert champion_gate.fn(registered, ingest, Validation(metrics={"val_top1": 0.5}, n=1), GateConfig())["promoted"]
     local, version = resolve_model(f"models:/{name}@champion")
     model, meta = load_package(local)
     assert version == registered.version and meta["arch"] == "resnet50"

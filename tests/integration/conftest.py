@@ -1,0 +1,43 @@
+"""Fixtures shared by the integration tests: one real retraining run on real servers."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from tests.integration.support import small_config
+
+
+@pytest.fixture(scope="session")
+def retrained(digits_dir, mlflow_server, prefect_server, tmp_path_factory):
+    """One retraining run shared by the tests of this module."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.retrain import retrain
+
+    name = f"skeleton-{uuid.uuid4().hex[:8]}"
+    out = tmp_path_factory.mktemp("retrain")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    mp.setenv("PREFECT_API_URL", prefect_server)
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: prefect_server}):
+            result = retrain(data_dir=str(digits_dir), config=small_config(name), output_dir=str(out))
+        from tasks.records import IngestResult
+
+        ingest = IngestResult(
+            data_dir=str(digits_dir), manifest_path=result["manifest"], dataset_hash="h",
+            class_names=[str(d) for d in range(10)], summary={},
+        )
+        yield {"result": result, "name": name, "out": out, "ingest": ingest}
+    finally:
+        mp.undo()
+
+
+@pytest.fixture
+def on_servers(monkeypatch, mlflow_server, prefect_server, use_prefect):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    use_prefect(prefect_server)
+
+

@@ -1,0 +1,14 @@
+"""Helpers for the integration tests."""
+
+from __future__ import annotations
+
+from cvlib.config import AugmentConfig, ReportConfig, RetrainConfig, TrainConfig
+
+
+def small_config(model_name: str, arch: str = "resnet50") -> RetrainConfig:
+    return RetrainConfig(
+        model_name=model_name,
+        augment=AugmentConfig(image_size=32, resize_ratio=1.0, hflip=0.0),
+        train=TrainConfig(arch=arch, weights="none", epochs=1, batch_size=16, num_workers=0, progress=False),
+        report=ReportConfig(samples=6),
+    )

@@ -1,0 +1,156 @@
+"""The MLflow side of retraining on a real `mlflow server`: the champion gate re-measures the
+champion, concurrent registrations, REST access to metric histories, and `mlflow models serve`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests import servers
+
+pytestmark = pytest.mark.slow
+
+
+def _register_copy(retrained, name: str, run_tag: str):
+    """Register the retrained checkpoint again under ``name`` from a fresh MLflow run."""
+    from tasks.records import Validation
+    from tasks.registry import register_model, start_run
+    from tests.integration.support import small_config
+
+    run_id = start_run.fn(small_config(name), retrained["ingest"])
+    return register_model.fn(run_id, retrained["result"]["checkpoint"], name, Validation(metrics={"val_top1": 0.0}, n=1))
+
+
+def test_gate_re_evaluates_the_champion(retrained, on_servers):
+    """A challenger claiming a better score than the champion re-measured on the same split
+    wins; one claiming a worse score does not. Decision and scores are version tags."""
+    from mlflow import MlflowClient
+
+    from cvlib.config import GateConfig
+    from tasks.records import Validation
+    from tasks.registry import champion_gate
+
+    name = retrained["name"]
+    client = MlflowClient()
+    champion_before = client.get_model_version_by_alias(name, "champion").version
+
+    worse = _register_copy(retrained, name, "worse")
+    decision = champion_gate.fn(worse, retrained["ingest"], Validation(metrics={"val_top1": -1.0}, n=1), GateConfig())
+    assert decision["promoted"] is False
+    measured = decision["champion_score"]
+    assert measured == pytest.approx(retrained["result"]["metrics"]["val_top1"], abs=1e-6), "champion re-measured on the same split"
+    tags = client.get_model_version(name, worse.version).tags
+    assert tags["visionflow.gate.promoted"] == "false"
+    assert tags["visionflow.gate.champion_version"] == str(champion_before)
+    assert client.get_model_version_by_alias(name, "champion").version == champion_before
+    assert client.get_model_version_by_alias(name, "challenger").version == worse.version
+
+    better = _register_copy(retrained, name, "better")
+    margin_blocked = champion_gate.fn(better, retrained["ingest"], Validation(metrics={"val_top1": measured + 0.01}, n=1), GateConfig(margin=0.05))
+    assert margin_blocked["promoted"] is False, "the margin must be beaten, not just the score"
+    decision = champion_gate.fn(better, retrained["ingest"], Validation(metrics={"val_top1": measured + 0.1}, n=1), GateConfig(margin=0.05))
+    assert decision["promoted"] is True
+    assert client.get_model_version_by_alias(name, "champion").version == better.version
+    assert client.get_model_version(name, better.version).tags["visionflow.gate.promoted"] == "true"
+
+
+CONCURRENT = """
+import os, sys
+from cvlib.config import GateConfig
+from tasks.records import IngestResult, Validation
+from tasks.registry import champion_gate, register_model, start_run
+from tests.integration.support import small_config
+name, checkpoint, manifest, data_dir, score = sys.argv[1:6]
+ingest = IngestResult(data_dir=data_dir, manifest_path=manifest, dataset_hash="h", class_names=[str(d) for d in range(10)], summary={})
+run_id = start_run.fn(small_config(name), ingest)
+v = register_model.fn(run_id, checkpoint, name, Validation(metrics={"val_top1": float(score)}, n=1))
+champion_gate.fn(v, ingest, Validation(metrics={"val_top1": float(score)}, n=1), GateConfig())
+print("VERSION", v.version)
+"""
+
+
+def test_concurrent_registrations_leave_one_champion(retrained, mlflow_server, prefect_server, tmp_path):
+    """Two retraining runs registering at the same time both get a version; exactly one of them
+    holds the champion alias."""
+    import uuid
+
+    from mlflow import MlflowClient
+
+    name = f"concurrent-{uuid.uuid4().hex[:6]}"
+    env = dict(os.environ, MLFLOW_TRACKING_URI=mlflow_server, PREFECT_API_URL=prefect_server, PYTHONPATH=str(Path(__file__).parents[2]))
+    args = [name, retrained["result"]["checkpoint"], retrained["ingest"].manifest_path, retrained["ingest"].data_dir]
+    procs = [
+        subprocess.Popen([sys.executable, "-c", CONCURRENT, *args, score], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for score in ("0.5", "0.6")
+    ]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (out, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    versions = sorted(int(out.split("VERSION")[1].split()[0]) for out, _ in outs)
+    assert versions == [1, 2]
+    client = MlflowClient(tracking_uri=mlflow_server)
+    assert len(client.search_model_versions(f"name = '{name}'")) == 2
+    champion = client.get_model_version_by_alias(name, "champion")
+    assert int(champion.version) in versions
+    promoted = [v for v in client.search_model_versions(f"name = '{name}'") if v.tags.get("visionflow.gate.promoted") == "true"]
+    assert str(champion.version) in {v.version for v in promoted}
+
+
+def test_metric_histories_over_rest(retrained, mlflow_server):
+    """What the UI's compare view plots: per-epoch histories, read through the server's REST API."""
+    run_id = retrained["result"]["run_id"]
+    for key in ("train_loss", "val_loss", "val_top1"):
+        url = f"{mlflow_server}/api/2.0/mlflow/metrics/get-history?run_id={run_id}&metric_key={key}"
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            history = json.loads(resp.read())["metrics"]
+        assert [m["step"] for m in history] == [1], key
+    with urllib.request.urlopen(f"{mlflow_server}/api/2.0/mlflow/runs/get?run_id={run_id}", timeout=10) as resp:
+        run = json.loads(resp.read())["run"]
+    params = {p["key"]: p["value"] for p in run["data"]["params"]}
+    assert params["train.lr"] == "0.001"
+    tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
+    assert "visionflow.dataset_hash" in tags and "prefect.flow_run_id" in tags
+
+
+def test_evaluation_artifacts_logged(retrained, on_servers):
+    from mlflow import MlflowClient
+
+    files = {a.path for a in MlflowClient().list_artifacts(retrained["result"]["run_id"], "evaluation")}
+    for name in ("confusion_matrix.png", "per_class_f1.png", "reliability.png", "training_curves.png", "val_metrics.json"):
+        assert f"evaluation/{name}" in files
+    metrics = MlflowClient().get_run(retrained["result"]["run_id"]).data.metrics
+    for key in ("best_val_top1", "best_val_top5", "best_val_macro_f1", "best_val_balanced_accuracy", "best_val_ece"):
+        assert key in metrics
+
+
+def test_mlflow_models_serve_answers_rest(retrained, mlflow_server, digits_dir, tmp_path):
+    """`mlflow models serve` on the registered champion (local env manager: offline) scores an
+    image sent as base64 bytes and one sent as a path."""
+    import base64
+
+    port = servers.free_port()
+    # The serving command execs `uvicorn` by name: the virtual environment must be on PATH,
+    # as it is for a user who activated it.
+    env = dict(os.environ, MLFLOW_TRACKING_URI=mlflow_server, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    cmd = [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", f"models:/{retrained['name']}@champion",
+           "--env-manager", "local", "-h", servers.LOOPBACK, "-p", str(port)]
+    image = sorted((digits_dir / "5").glob("*.png"))[0]
+    with servers.running(cmd, env=env, health_url=f"http://{servers.LOOPBACK}:{port}/ping", log=tmp_path / "serve.log", timeout=240):
+        body = {"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(image.read_bytes()).decode()]]}}
+        req = urllib.request.Request(f"http://{servers.LOOPBACK}:{port}/invocations", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"}, method="POST")
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            rows = json.loads(resp.read())["predictions"]
+        body = {"dataframe_split": {"columns": ["path"], "data": [[str(image)]]}}
+        req = urllib.request.Request(f"http://{servers.LOOPBACK}:{port}/invocations", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"}, method="POST")
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            rows += json.loads(resp.read())["predictions"]
+    assert [r["status"] for r in rows] == ["ok", "ok"]
+    assert rows[0]["top5_labels"] == rows[1]["top5_labels"]

@@ -1,0 +1,217 @@
+"""cvlib.featuremaps: a forward hook that captures one layer's output for one image, always
+released, model state untouched; and the PNG grid it renders into."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from cvlib.featuremaps import conv_layer_names, feature_maps, render_feature_maps
+from cvlib.models import create_model
+from cvlib.simple_cnn import SimpleCNN
+
+
+@pytest.fixture(scope="module")
+def cnn() -> SimpleCNN:
+    torch.manual_seed(0)
+    return SimpleCNN(4, width=8, hidden_dim=16)
+
+
+def _hooks(model: nn.Module) -> int:
+    return sum(len(m._forward_hooks) for m in model.modules())
+
+
+def test_conv_layer_names_in_order(cnn):
+    assert conv_layer_names(cnn) == ["features.block1.conv", "features.block2.conv", "features.block3.conv"]
+
+
+@pytest.mark.parametrize(
+    ("layer", "shape"),
+    [
+        ("features.block1.conv", (8, 32, 32)),
+        ("features.block1.relu", (8, 32, 32)),
+        ("features.block1", (8, 16, 16)),  # after the block's max pool
+        ("features.block2.conv", (16, 16, 16)),
+        ("features.block3.relu", (32, 8, 8)),
+    ],
+)
+def test_shapes(cnn, layer, shape):
+    maps = feature_maps(cnn, torch.randn(1, 3, 32, 32), layer)
+    assert tuple(maps.shape) == shape
+    assert maps.dtype == torch.float32 and maps.device.type == "cpu" and not maps.requires_grad
+
+
+def test_matches_the_layer_output_computed_by_hand(cnn):
+    x = torch.randn(1, 3, 24, 24)
+    cnn.eval()
+    with torch.no_grad():
+        expected = cnn.features.block1.relu(cnn.features.block1.bn(cnn.features.block1.conv(x)))[0]
+    assert torch.allclose(feature_maps(cnn, x, "features.block1.relu"), expected)
+    assert (feature_maps(cnn, x, "features.block1.relu") >= 0).all()
+
+
+def test_a_3d_image_is_taken_as_one_image(cnn):
+    assert feature_maps(cnn, torch.randn(3, 16, 16), "features.block1.conv").shape == (8, 16, 16)
+
+
+def test_hook_removed_and_modes_restored_also_on_error(cnn):
+    cnn.train()
+    cnn.features.block2.bn.eval()  # a deliberate mix (frozen BN) must survive
+    before = {n: m.training for n, m in cnn.named_modules()}
+    hooks = _hooks(cnn)
+    feature_maps(cnn, torch.randn(1, 3, 16, 16), "features.block2.conv")
+    assert _hooks(cnn) == hooks
+    assert {n: m.training for n, m in cnn.named_modules()} == before
+    with pytest.raises(ValueError):
+        feature_maps(cnn, torch.randn(1, 3, 4, 4), "features.block3.conv")  # too small: forward fails
+    assert _hooks(cnn) == hooks
+    assert {n: m.training for n, m in cnn.named_modules()} == before
+
+
+def test_eval_mode_is_used_so_bn_running_stats_do_not_move(cnn):
+    stats = cnn.features.block1.bn.running_mean.clone()
+    cnn.train()
+    feature_maps(cnn, 5 + torch.randn(1, 3, 16, 16), "features.block1.relu")
+    assert torch.equal(cnn.features.block1.bn.running_mean, stats)
+
+
+def test_forward_stops_at_the_layer(cnn):
+    """Later layers do not run: asking for conv1 of a deep model costs only conv1."""
+    calls = []
+    handle = cnn.fc.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        feature_maps(cnn, torch.randn(1, 3, 16, 16), "features.block1.conv")
+    finally:
+        handle.remove()
+    assert calls == []
+
+
+def test_unknown_layer_error_lists_the_conv_layers(cnn):
+    with pytest.raises(ValueError) as info:
+        feature_maps(cnn, torch.randn(1, 3, 16, 16), "conv1")
+    message = str(info.value)
+    assert "'conv1'" in message
+    for name in conv_layer_names(cnn):
+        assert name in message
+
+
+def test_non_spatial_layer_is_refused(cnn):
+    with pytest.raises(ValueError, match="not a spatial"):
+        feature_maps(cnn, torch.randn(1, 3, 16, 16), "fc.1")
+
+
+def test_batch_of_two_is_refused(cnn):
+    with pytest.raises(ValueError, match="one image"):
+        feature_maps(cnn, torch.randn(2, 3, 16, 16), "features.block1.conv")
+
+
+def test_torchvision_resnet_layer_names():
+    model = create_model("resnet18", 3, weights="none", hidden_dim=8)
+    names = conv_layer_names(model)
+    assert names[0] == "conv1" and "layer4.1.conv2" in names
+    assert feature_maps(model, torch.randn(1, 3, 64, 64), "layer1.0.conv1").shape == (64, 16, 16)
+    assert feature_maps(model, torch.randn(1, 3, 64, 64), "layer4").shape == (512, 2, 2)
+
+
+def test_vit_tokens_are_laid_back_on_their_grid():
+    model = create_model("vit_b_16", 2, weights="none", hidden_dim=8, image_size=64)
+    assert feature_maps(model, torch.randn(1, 3, 64, 64), "conv_proj").shape == (768, 4, 4)
+    # 1 class token + 16 patch tokens -> (768, 4, 4)
+    assert feature_maps(model, torch.randn(1, 3, 64, 64), "encoder.layers.encoder_layer_0").shape == (768, 4, 4)
+
+
+def _png_pixels(path) -> np.ndarray:
+    with Image.open(path) as im:
+        assert im.format == "PNG"
+        return np.asarray(im.convert("RGB"))
+
+
+def test_render_writes_a_non_blank_grid(tmp_path, cnn):
+    maps = feature_maps(cnn, torch.randn(1, 3, 32, 32), "features.block1.relu")
+    out = render_feature_maps(maps, tmp_path / "sub" / "maps.png", max_maps=6, title="block1")
+    assert out == tmp_path / "sub" / "maps.png" and out.is_file()
+    pixels = _png_pixels(out)
+    assert pixels.std() > 10  # drawn maps, not an empty white canvas
+    assert not (pixels == 255).all()
+    assert [p.name for p in out.parent.iterdir()] == ["maps.png"]  # no temp file left behind
+
+
+def test_render_caps_the_number_of_maps(tmp_path):
+    maps = torch.rand(40, 6, 6)
+    small = _png_pixels(render_feature_maps(maps, tmp_path / "a.png", max_maps=4))
+    large = _png_pixels(render_feature_maps(maps, tmp_path / "b.png", max_maps=32))
+    assert small.shape[0] * small.shape[1] < large.shape[0] * large.shape[1]
+
+
+def test_render_copes_with_constant_maps_and_rejects_bad_shapes(tmp_path):
+    render_feature_maps(torch.zeros(3, 5, 5), tmp_path / "flat.png")  # dead ReLUs: no division by 0
+    with pytest.raises(ValueError, match="C, h, w"):
+        render_feature_maps(torch.zeros(1, 2, 3, 4), tmp_path / "bad.png")
+    with pytest.raises(ValueError, match="max_maps"):
+        render_feature_maps(torch.zeros(2, 3, 3), tmp_path / "bad.png", max_maps=0)
+
+
+# --------------------------------------------------------------------------- the CLI command
+
+
+@pytest.fixture
+def checkpoint_and_image(tmp_path):
+    from cvlib.checkpoint import save_atomic
+
+    torch.manual_seed(0)
+    model = create_model("simple_cnn", 3, weights="none", hidden_dim=16)
+    meta = {
+        "arch": "simple_cnn",
+        "class_names": ["a", "b", "c"],
+        "head": {"hidden_dim": 16, "dropout": 0.3},
+        "preprocessing": {"image_size": 32, "resize_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3},
+    }
+    ckpt = save_atomic({"model": model.state_dict(), "meta": meta, "epoch": 1}, tmp_path / "best.pt")
+    y, x = np.mgrid[0:40, 0:40]
+    image = tmp_path / "img.png"
+    Image.fromarray(((x * 6) % 256).astype(np.uint8), "L").save(image)
+    return ckpt, image
+
+
+def test_cli_featuremaps_writes_the_png(checkpoint_and_image, tmp_path, capsys):
+    from flows.cli import main
+
+    ckpt, image = checkpoint_and_image
+    out = tmp_path / "fm.png"
+    rc = main(["featuremaps", str(image), "--model", str(ckpt), "--layer", "features.block1.relu", "--out", str(out)])
+    assert rc == 0 and out.is_file()
+    assert _png_pixels(out).std() > 10
+    assert str(out.resolve()) in capsys.readouterr().out
+
+
+def test_cli_featuremaps_unknown_layer_is_one_line_with_the_names(checkpoint_and_image, tmp_path, capsys):
+    from flows.cli import EXIT_USAGE, main
+
+    ckpt, image = checkpoint_and_image
+    rc = main(["featuremaps", str(image), "--model", str(ckpt), "--layer", "conv9", "--out", str(tmp_path / "x.png")])
+    err = capsys.readouterr().err
+    assert rc == EXIT_USAGE
+    assert err.startswith("error: ") and "features.block2.conv" in err and "Traceback" not in err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_cli_featuremaps_on_a_file_does_not_import_prefect_or_mlflow(checkpoint_and_image, tmp_path):
+    """The command must start fast: a checkpoint file needs neither Prefect nor MLflow."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    ckpt, image = checkpoint_and_image
+    script = (
+        "import sys; from flows.cli import main; "
+        f"rc = main(['featuremaps', {str(image)!r}, '--model', {str(ckpt)!r}, '--layer', 'features.block3.conv', "
+        f"'--out', {str(tmp_path / 'fm.png')!r}]); "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'prefect', 'mlflow'})); sys.exit(rc)"
+    )
+    repo = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "-c", script], cwd=repo, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
