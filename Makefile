@@ -26,6 +26,7 @@ demo: $(STAMP)
 	$(BIN)/visionflow demo
 
 test: $(STAMP)
+	$(BIN)/ruff check cvlib tasks flows tests benchmarks deployments
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 unit: $(STAMP)

@@ -12,8 +12,9 @@ bytes), decoding JPEGs at 1/8 scale in greyscale (libjpeg still reads all the en
 so truncation is still caught) and running files on a thread pool (Pillow, hashlib and file reads
 release the GIL).
 
-Run: ``.venv/bin/python benchmarks/ingest.py`` (``--n 2000 --workers N --rounds 2 --keep DIR``).
-Timings are best-of-``rounds``; the load average is printed because the machine may be shared.
+Run: ``.venv/bin/python benchmarks/ingest.py`` (``--n 2000 --workers N --rounds 3 --keep DIR``).
+Naive and threaded runs alternate for ``rounds`` rounds and the best run of each counts; the
+paired ratios and the load average are printed too, because the machine may be shared.
 """
 
 from __future__ import annotations
@@ -120,27 +121,19 @@ def naive(root: Path) -> tuple[set[str], int]:
     return rejected, len(files)
 
 
-def timed(fn, rounds: int):
-    """Best of ``rounds`` runs (the machine is shared: the best run is the least disturbed).
-
-    Returns the result and (wall seconds, CPU seconds of this process during that run): CPU
-    time per file is the work done, which other people's jobs on the machine barely change.
-    """
-    best, result = (float("inf"), 0.0), None
-    for _ in range(rounds):
-        t, c = time.perf_counter(), time.process_time()
-        result = fn()
-        wall, cpu = time.perf_counter() - t, time.process_time() - c
-        if wall < best[0]:
-            best = (wall, cpu)
-    return result, best
+def measure(fn):
+    """Run once; return the result and (wall seconds, CPU seconds of this process). CPU time
+    per file is the work done, which other people's jobs on a shared machine barely change."""
+    t, c = time.perf_counter(), time.process_time()
+    result = fn()
+    return result, (time.perf_counter() - t, time.process_time() - c)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=2000, help="number of generated photos")
     ap.add_argument("--workers", type=int, default=None, help="build_manifest threads (default: its own)")
-    ap.add_argument("--rounds", type=int, default=2, help="timed runs per method; the best counts")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating naive/threaded rounds; the best counts")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--keep", type=Path, default=None, help="generate into this folder, keep it, reuse it next time")
     args = ap.parse_args()
@@ -163,17 +156,25 @@ def main() -> None:
         cfg = DataConfig()
         workers = args.workers or "default"
 
-        rows: list[tuple[str, int, tuple[float, float]]] = []
-        (naive_bad, n_files), sec = timed(lambda: naive(root), args.rounds)
-        rows.append(("naive: read+sha256, Image.open().convert('RGB')", n_files, sec))
-        (single, _), sec = timed(lambda: build_manifest(root, cfg, workers=1), 1)
-        rows.append(("build_manifest, 1 thread", len(single), sec))
-        (manifest, skipped), sec = timed(lambda: build_manifest(root, cfg, workers=args.workers), args.rounds)
-        rows.append((f"build_manifest, {workers} threads", len(manifest), sec))
-        (plain, _), sec = timed(lambda: build_manifest(root, cfg, workers=args.workers, near_duplicates=False), 1)
-        rows.append((f"build_manifest, {workers} threads, near_duplicates=False", len(plain), sec))
-        (again, _), sec = timed(lambda: build_manifest(root, cfg, workers=args.workers, previous=manifest), 1)
-        rows.append(("build_manifest, unchanged re-run (previous=)", len(again), sec))
+        # Naive and threaded runs alternate, so each pair meets the same background load; the
+        # best run of each counts (the least disturbed), and every pair's ratio is printed.
+        naive_runs, fast_runs = [], []
+        for _ in range(args.rounds):
+            (naive_bad, n_files), t_naive = measure(lambda: naive(root))
+            (manifest, skipped), t_fast = measure(lambda: build_manifest(root, cfg, workers=args.workers))
+            naive_runs.append(t_naive)
+            fast_runs.append(t_fast)
+        (single, _), t_single = measure(lambda: build_manifest(root, cfg, workers=1))
+        (plain, _), t_plain = measure(lambda: build_manifest(root, cfg, workers=args.workers, near_duplicates=False))
+        (again, _), t_again = measure(lambda: build_manifest(root, cfg, workers=args.workers, previous=manifest))
+        rows = [
+            ("naive: read+sha256, Image.open().convert('RGB')", n_files, min(naive_runs)),
+            ("build_manifest, 1 thread", len(single), t_single),
+            (f"build_manifest, {workers} threads", len(manifest), min(fast_runs)),
+            (f"build_manifest, {workers} threads, near_duplicates=False", len(plain), t_plain),
+            ("build_manifest, unchanged re-run (previous=)", len(again), t_again),
+        ]
+        paired = [n[0] / f[0] for n, f in zip(naive_runs, fast_runs, strict=True)]
 
         quarantined = (manifest["status"] == "quarantined") & ~manifest["reason"].isin(GROUP_REASONS)
         rejected = set(manifest.loc[quarantined, "path"])
@@ -190,6 +191,7 @@ def main() -> None:
         print(f"{'method':58s} {'files':>6s} {'seconds':>8s} {'files/s':>8s} {'vs naive':>9s} {'cpu ms/file':>12s}")
         for name, n, (wall, cpu) in rows:
             print(f"{name:58s} {n:6d} {wall:8.2f} {n / wall:8.1f} {n / wall / base:8.2f}x {1000 * cpu / n:12.2f}")
+        print("paired rounds (naive s / build_manifest s): " + ", ".join(f"{r:.2f}x" for r in paired))
         s = summarize(manifest)
         print()
         print(f"same verdict on all {n_files} files: {len(rejected)} rejected by both {s['reasons']}")

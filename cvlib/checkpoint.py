@@ -55,6 +55,7 @@ def build_from_meta(meta: dict[str, Any]) -> nn.Module:
         weights="none",
         hidden_dim=int(head.get("hidden_dim", 512)),
         dropout=float(head.get("dropout", 0.0)),
+        **meta.get("model_kwargs", {}),
     )
 
 

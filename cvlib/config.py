@@ -7,7 +7,7 @@ same everywhere.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -30,6 +30,10 @@ class DataConfig(_Config):
         89_478_485, gt=0, description="Decompression-bomb limit (Pillow's default); larger images are quarantined."
     )
     split_salt: str = Field("visionflow", description="Salt for the hash-based split; change it to reshuffle.")
+    near_duplicates: bool = Field(True, description="Group re-encoded/resized copies (perceptual hash) so they share a split.")
+    near_duplicate_distance: int = Field(
+        4, ge=0, le=16, description="Largest pHash Hamming distance (of 64 bits) treated as a near-duplicate."
+    )
 
 
 class AugmentConfig(_Config):
@@ -43,6 +47,19 @@ class AugmentConfig(_Config):
     hflip: float = Field(0.5, ge=0.0, le=1.0, description="Probability of a horizontal flip.")
     rotation: float = Field(15.0, ge=0.0, le=180.0, description="Largest random rotation in degrees.")
     color_jitter: float = Field(0.2, ge=0.0, le=1.0, description="Brightness/contrast/saturation jitter strength.")
+    trivial_augment: bool = Field(
+        False, description="TrivialAugmentWide (one random op of random strength per image), torchvision's recipe."
+    )
+    random_erase: float = Field(
+        0.0, ge=0.0, le=1.0, description="Probability of erasing a random rectangle (RandomErasing); 0 disables it."
+    )
+    mixup_alpha: float = Field(
+        0.0, ge=0.0, description="MixUp Beta(alpha, alpha) on training batches (e.g. 0.2); 0 disables it."
+    )
+    cutmix_alpha: float = Field(
+        0.0, ge=0.0, description="CutMix Beta(alpha, alpha) on training batches (e.g. 1.0); 0 disables it. "
+        "With both alphas set, each batch gets one of the two at random."
+    )
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
 
@@ -65,8 +82,35 @@ class TrainConfig(_Config):
     freeze_backbone: bool = Field(False, description="Train only the classification head.")
     dropout: float = Field(0.3, ge=0.0, lt=1.0)
     hidden_dim: int = Field(512, ge=1, description="Width of the transfer head's hidden layer.")
-    num_workers: int = Field(2, ge=0, description="DataLoader worker processes.")
+    head_epochs: int | None = Field(
+        None, ge=0, description="Epochs that train the head alone (backbone frozen, its BatchNorm statistics too) "
+        "before the whole network trains. None: 1 with pretrained weights (when epochs > 1), 0 with weights 'none'."
+    )
+    backbone_lr_ratio: float | None = Field(
+        None, gt=0.0, le=1.0, description="Backbone learning rate as a fraction of lr (the head trains at lr). "
+        "None: 0.1 with pretrained weights, 1.0 with weights 'none'."
+    )
+    ema_decay: float | None = Field(
+        None, gt=0.0, lt=1.0, description="Keep an exponential moving average of the weights, updated every step "
+        "with this decay (e.g. 0.999; warmed up over the first steps); it is what is validated and saved as best. "
+        "None: off."
+    )
+    early_stopping_patience: int | None = Field(
+        None, ge=1, description="Stop after this many epochs without improvement of early_stopping_monitor. None: off."
+    )
+    early_stopping_monitor: Literal["val_top1", "val_loss"] = Field(
+        "val_top1", description="Validation metric early stopping watches (top-1 higher is better, loss lower)."
+    )
+    early_stopping_min_delta: float = Field(
+        0.0, ge=0.0, description="Smallest change of the monitored metric that counts as an improvement."
+    )
+    num_workers: int = Field(2, ge=0, description="DataLoader worker processes (kept alive across epochs).")
+    prefetch_factor: int = Field(2, ge=1, description="Batches each DataLoader worker prepares ahead.")
     device: str = Field("auto", description="'auto', 'cuda', 'mps', 'cpu' or a torch device string.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 on CUDA (fp16 + grad scaler without bf16), fp32 on CPU (reproducible); bf16 on request."
+    )
+    channels_last: bool = Field(True, description="NHWC memory format: faster convolutions on GPUs and oneDNN CPUs.")
     seed: int = 0
     progress: bool = Field(True, description="Show a progress bar.")
 
@@ -78,6 +122,9 @@ class ScoreConfig(_Config):
     top_k: int = Field(5, ge=1)
     num_workers: int = Field(2, ge=0)
     device: str = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 on CUDA and on CPUs with native bf16, else fp32."
+    )
 
 
 class ReportConfig(_Config):

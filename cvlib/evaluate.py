@@ -28,16 +28,28 @@ class Evaluation:
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> Evaluation:
-    """Evaluate in eval mode and restore the model's previous mode afterwards."""
+def evaluate(
+    model: nn.Module,
+    loader: DataLoader,
+    device: torch.device,
+    *,
+    amp_dtype: torch.dtype | None = None,
+    memory_format: torch.memory_format = torch.contiguous_format,
+) -> Evaluation:
+    """Evaluate in eval mode and restore the model's previous mode afterwards. Losses and
+    probabilities are computed in fp32 even when the forward runs under autocast."""
+    from cvlib.precision import autocast
+
     was_training = model.training
     model.eval()
     losses, all_targets, all_probs = [], [], []
     try:
         for images, targets in loader:
-            images = images.to(device, non_blocking=True)
+            images = images.to(device, non_blocking=True, memory_format=memory_format)
             targets = targets.to(device, non_blocking=True)
-            logits = model(images).float()
+            with autocast(device, amp_dtype):
+                logits = model(images)
+            logits = logits.float()
             losses.append(nn.functional.cross_entropy(logits, targets, reduction="sum").item())
             all_probs.append(torch.softmax(logits, dim=1).cpu())
             all_targets.append(targets.cpu())

@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
+
+from cvlib.atomic import atomic_write
+from cvlib.models import eval_mode
 
 __all__ = ["conv_layer_names", "feature_maps", "render_feature_maps"]
 
@@ -52,17 +52,6 @@ def _layer(model: nn.Module, layer: str) -> nn.Module:
     return modules[layer]
 
 
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode for the duration, then each module's own flag back (a model with frozen BN in
-    training mode keeps that mix)."""
-    saved = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, flag in saved:
-            m.training = flag
 
 
 def _as_map(out: object, layer: str) -> torch.Tensor:
@@ -71,7 +60,8 @@ def _as_map(out: object, layer: str) -> torch.Tensor:
     if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
         out = out[0]
     if not isinstance(out, torch.Tensor):
-        raise ValueError(f"layer {layer!r} returned {type(out).__name__}, not a tensor")
+        # ValueError, as for a wrong shape: the caller chose an unsuitable layer.
+        raise ValueError(f"layer {layer!r} returned {type(out).__name__}, not a tensor")  # noqa: TRY004
     if out.dim() == 4:
         return out[0]
     if out.dim() == 3:
@@ -114,7 +104,7 @@ def feature_maps(model: nn.Module, image_tensor: torch.Tensor, layer: str) -> to
 
     handle = module.register_forward_hook(hook)
     try:
-        with _eval_mode(model), torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             try:
                 model(x)
             except _Captured:
@@ -180,13 +170,6 @@ def render_feature_maps(
         ax.set_axis_off()
 
     out = Path(out_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fig.savefig(fh, format="png", dpi=dpi, facecolor="white")
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(out) as fh:
+        fig.savefig(fh, format="png", dpi=dpi, facecolor="white")
     return out

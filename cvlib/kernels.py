@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 from numpy.typing import ArrayLike
 
+from cvlib.atomic import atomic_write
 from cvlib.conv import conv2d
 
 __all__ = [
@@ -258,13 +258,6 @@ def render_gallery(
         ax.set_axis_off()
 
     out = Path(out_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fig.savefig(fh, format="png", dpi=dpi, facecolor="white")
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(out) as fh:
+        fig.savefig(fh, format="png", dpi=dpi, facecolor="white")
     return out

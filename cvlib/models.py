@@ -4,6 +4,8 @@ that fails with a message a user can act on when pretrained weights cannot be ha
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -193,6 +195,19 @@ def _load_backbone_file(model: nn.Module, path: Path) -> None:
             detail = "no tensors that fit"
         raise WeightsUnavailableError(f"{path} does not fit {type(model).__name__}: {detail}; {WEIGHT_NAMES_HINT}")
     model.load_state_dict({k: state[k] for k in backbone}, strict=False)
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode for the duration, then every module's own flag back (not one ``train(flag)``
+    for all, which would lose a deliberately mixed state such as frozen BatchNorm in training)."""
+    saved = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, flag in saved:
+            m.training = flag
 
 
 def pick_device(name: str = "auto") -> torch.device:

@@ -3,8 +3,11 @@ Agg canvas (no pyplot: it would touch a notebook's global figure state and backe
 
 from __future__ import annotations
 
+import dataclasses
 import io
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -21,7 +24,7 @@ def _figure(width: float, height: float):
 def _png(fig) -> bytes:
     buf = io.BytesIO()
     fig.tight_layout()
-    fig.savefig(buf, format="png")
+    fig.savefig(buf, format="png", facecolor="white")
     return buf.getvalue()
 
 
@@ -80,20 +83,46 @@ def reliability_png(calibration: dict) -> bytes:
     return _png(fig)
 
 
-def training_curves_png(history: Sequence[dict]) -> bytes:
-    """Loss and top-1 per epoch, train and validation."""
-    epochs = [h["epoch"] for h in history]
-    fig = _figure(9, 3.5)
-    ax1, ax2 = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
-    ax1.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
-    ax1.plot(epochs, [h["val_loss"] for h in history], "o-", label="validation")
-    ax1.set_xlabel("epoch")
-    ax1.set_ylabel("loss")
-    ax1.legend()
-    ax2.plot(epochs, [h["train_top1"] for h in history], "o-", label="train")
-    ax2.plot(epochs, [h["val_top1"] for h in history], "o-", label="validation")
-    ax2.set_xlabel("epoch")
-    ax2.set_ylabel("top-1 accuracy")
-    ax2.set_ylim(0, 1)
-    ax2.legend()
+def _history_rows(history: Sequence[Any]) -> list[Mapping[str, Any]]:
+    rows = []
+    for h in history:
+        if dataclasses.is_dataclass(h) and not isinstance(h, type):
+            h = dataclasses.asdict(h)
+        if not isinstance(h, Mapping):
+            raise TypeError(f"history entries must be dicts (or EpochRecord), got {type(h).__name__}")
+        rows.append(h)
+    return rows
+
+
+def training_curves_png(history: Sequence[Mapping[str, Any]]) -> bytes:
+    """Loss and top-1 accuracy per epoch, train and validation, side by side, as a PNG.
+
+    ``history``: ``FitResult.to_dict()["history"]`` (dicts with ``epoch``, ``train_loss``,
+    ``val_loss``, ``train_top1``, ``val_top1``), or the ``EpochRecord`` objects themselves. A
+    missing or NaN value (no validation split) leaves a gap rather than failing. Markers on every
+    point, so a one- or two-epoch run still shows something.
+    """
+    rows = _history_rows(history)
+    if not rows:
+        raise ValueError("history is empty: no epoch to plot")
+    epochs = [int(r.get("epoch", i + 1)) for i, r in enumerate(rows)]
+
+    def series(key: str) -> list[float]:
+        return [float(r[key]) if r.get(key) is not None else math.nan for r in rows]
+
+    fig = _figure(9, 3.4)
+    for j, (metric, label) in enumerate((("loss", "loss"), ("top1", "top-1 accuracy"))):
+        ax = fig.add_subplot(1, 2, j + 1)
+        for split, style in (("train", "o-"), ("val", "s--")):
+            values = series(f"{split}_{metric}")
+            if not all(math.isnan(v) for v in values):
+                ax.plot(epochs, values, style, label=split, markersize=4)
+        ax.set_xlabel("epoch")
+        ax.set_title(label, fontsize=10)
+        if metric == "top1":
+            ax.set_ylim(-0.02, 1.02)
+        ax.grid(True, alpha=0.3)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        if ax.lines:
+            ax.legend(fontsize=8)
     return _png(fig)

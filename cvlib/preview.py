@@ -15,16 +15,15 @@ Pure library: torch, numpy, PIL; matplotlib lazily.
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
-__all__ = ["augmentation_preview", "training_curves_png"]
+__all__ = ["augmentation_preview"]
 
 
 def _normalize_params(preset: Any) -> tuple[Sequence[float], Sequence[float]] | None:
@@ -103,55 +102,5 @@ def augmentation_preview(image, train_preset: Callable, n: int = 8, seed: int = 
         ax.set_title(title, fontsize=8)
         ax.set_axis_off()
     fig.suptitle("training augmentations", fontsize=10)
-    fig.tight_layout()
-    return _png(fig)
-
-
-def _history_rows(history: Sequence[Any]) -> list[Mapping[str, Any]]:
-    rows = []
-    for h in history:
-        if dataclasses.is_dataclass(h) and not isinstance(h, type):
-            h = dataclasses.asdict(h)
-        if not isinstance(h, Mapping):
-            raise TypeError(f"history entries must be dicts (or EpochRecord), got {type(h).__name__}")
-        rows.append(h)
-    return rows
-
-
-def training_curves_png(history: Sequence[Mapping[str, Any]]) -> bytes:
-    """Loss and top-1 accuracy per epoch, train and validation, side by side, as a PNG.
-
-    ``history``: ``FitResult.to_dict()["history"]`` (dicts with ``epoch``, ``train_loss``,
-    ``val_loss``, ``train_top1``, ``val_top1``), or the ``EpochRecord`` objects themselves. A
-    missing or NaN value (no validation split) leaves a gap rather than failing. Markers on every
-    point, so a one- or two-epoch run still shows something.
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    rows = _history_rows(history)
-    if not rows:
-        raise ValueError("history is empty: no epoch to plot")
-    epochs = [int(r.get("epoch", i + 1)) for i, r in enumerate(rows)]
-
-    def series(key: str) -> list[float]:
-        return [float(r[key]) if r.get(key) is not None else math.nan for r in rows]
-
-    fig = Figure(figsize=(9, 3.4), dpi=100, facecolor="white")
-    FigureCanvasAgg(fig)
-    for j, (metric, label) in enumerate((("loss", "loss"), ("top1", "top-1 accuracy"))):
-        ax = fig.add_subplot(1, 2, j + 1)
-        for split, style in (("train", "o-"), ("val", "s--")):
-            values = series(f"{split}_{metric}")
-            if not all(math.isnan(v) for v in values):
-                ax.plot(epochs, values, style, label=split, markersize=4)
-        ax.set_xlabel("epoch")
-        ax.set_title(label, fontsize=10)
-        if metric == "top1":
-            ax.set_ylim(-0.02, 1.02)
-        ax.grid(True, alpha=0.3)
-        ax.xaxis.get_major_locator().set_params(integer=True)
-        if ax.lines:
-            ax.legend(fontsize=8)
     fig.tight_layout()
     return _png(fig)

@@ -15,7 +15,8 @@ from cvlib.config import AugmentConfig
 
 class TrainPreset:
     """Random crop, flip, rotation and colour jitter: the augmentations of the notebook,
-    with the scale range and strengths configurable."""
+    with the scale range and strengths configurable. Optionally torchvision's recipe on top:
+    TrivialAugmentWide (on the uint8 crop) and RandomErasing (on the normalised tensor)."""
 
     def __init__(
         self,
@@ -27,6 +28,8 @@ class TrainPreset:
         hflip: float = 0.5,
         rotation: float = 15.0,
         color_jitter: float = 0.2,
+        trivial_augment: bool = False,
+        random_erase: float = 0.0,
     ) -> None:
         steps: list[T.Transform] = [T.PILToTensor(), T.RandomResizedCrop(image_size, scale=(scale_min, 1.0), antialias=True)]
         if hflip > 0:
@@ -35,8 +38,12 @@ class TrainPreset:
             steps.append(T.RandomRotation(rotation))
         if color_jitter > 0:
             steps.append(T.ColorJitter(color_jitter, color_jitter, color_jitter))
+        if trivial_augment:
+            steps.append(T.TrivialAugmentWide(interpolation=T.InterpolationMode.BILINEAR))
         # uint8 until here: the geometric ops are cheaper on bytes than on floats.
         steps += [T.ToDtype(torch.float32, scale=True), T.Normalize(mean, std)]
+        if random_erase > 0:
+            steps.append(T.RandomErasing(p=random_erase, value=0.0))  # 0 after Normalize: the mean colour
         self.transforms = T.Compose(steps)
 
     def __call__(self, img) -> torch.Tensor:
@@ -76,6 +83,8 @@ def train_preset(cfg: AugmentConfig) -> TrainPreset:
         hflip=cfg.hflip,
         rotation=cfg.rotation,
         color_jitter=cfg.color_jitter,
+        trivial_augment=cfg.trivial_augment,
+        random_erase=cfg.random_erase,
     )
 
 

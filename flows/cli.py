@@ -20,15 +20,26 @@ class CliError(Exception):
 
 
 def build_retrain_config(args: argparse.Namespace):
-    """CLI options override the defaults of :class:`cvlib.config.RetrainConfig` (validated)."""
+    """Defaults of :class:`cvlib.config.RetrainConfig`, then ``--config FILE`` (JSON, any subset
+    of the fields), then the individual options; validated as a whole."""
     from cvlib.config import RetrainConfig
+    from cvlib.models import CUSTOM_ARCHS
 
     data = RetrainConfig().model_dump()
+    if args.config:
+        try:
+            _deep_update(data, json.loads(Path(_existing(args.config, "config file")).read_text()))
+        except json.JSONDecodeError as exc:
+            raise CliError(f"config file {args.config} is not valid JSON: {exc}") from exc
     train = {"epochs": args.epochs, "batch_size": args.batch_size, "arch": args.arch, "weights": args.weights,
-             "lr": args.lr, "seed": args.seed, "num_workers": args.workers, "device": args.device}
+             "lr": args.lr, "seed": args.seed, "num_workers": args.workers, "device": args.device,
+             "precision": args.precision, "head_epochs": getattr(args, "head_epochs", None),
+             "early_stopping_patience": getattr(args, "early_stopping_patience", None)}
     if args.freeze_backbone:
         train["freeze_backbone"] = True
     data["train"].update({k: v for k, v in train.items() if v is not None})
+    if args.arch in CUSTOM_ARCHS and args.weights is None and not args.config:
+        data["train"]["weights"] = "none"  # no pretrained weights exist for visionflow's own models
     if args.image_size is not None:
         data["augment"]["image_size"] = args.image_size
     if args.model_name:
@@ -36,11 +47,27 @@ def build_retrain_config(args: argparse.Namespace):
     return RetrainConfig.model_validate(data)
 
 
+def _deep_update(base: dict, update: dict) -> None:
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _deep_update(base[key], value)
+        else:
+            base[key] = value
+
+
 def _print_paths(title: str, paths: dict[str, object]) -> None:
     print(f"\n{title}")
     width = max(len(k) for k in paths)
     for key, value in paths.items():
         print(f"  {key:<{width}}  {value}")
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    """Print the default retraining configuration: a starting point for ``retrain --config``."""
+    from cvlib.config import RetrainConfig
+
+    print(json.dumps(RetrainConfig().model_dump(mode="json"), indent=2))
+    return 0
 
 
 def cmd_demo_data(args: argparse.Namespace) -> int:
@@ -56,7 +83,9 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     from cvlib.ingest import build_manifest, dataset_hash, summarize, write_manifest
 
     t0 = time.perf_counter()
-    manifest, skipped = build_manifest(args.data_dir, DataConfig())
+    data_dir = _existing(args.data_dir, "data folder", folder=True)
+    # Re-ingesting into the same manifest reads only new or changed files.
+    manifest, skipped = build_manifest(data_dir, DataConfig(), previous=args.out)
     write_manifest(manifest, args.out, metadata={"visionflow.dataset_hash": dataset_hash(manifest)})
     summary = summarize(manifest) | {"skipped": skipped}
     print(json.dumps({k: summary[k] for k in ("files", "ok", "duplicates", "quarantined", "classes", "reasons", "skipped")}, indent=2))
@@ -122,19 +151,68 @@ def _print_retrain(result: dict) -> None:
     )
 
 
+def _score_input(spec: str, root: str | None) -> str:
+    """A folder, a glob, a list of paths or a manifest: resolved now, so a typo costs a second."""
+    from cvlib.inputs import InputSpecError, is_glob, resolve_inputs
+
+    p = Path(spec).expanduser()
+    if not p.exists() and not is_glob(spec):
+        raise CliError(f"input {p} does not exist (a folder, a glob, a text file of paths or a manifest .parquet)")
+    try:
+        inputs = resolve_inputs(spec, root=root)
+    except (InputSpecError, FileNotFoundError) as exc:
+        raise CliError(str(exc)) from exc
+    if not inputs.paths:
+        print(f"note: {spec} holds no image files; the output will have no rows")
+    return str(p.resolve()) if p.exists() else spec
+
+
+def _score_model(uri: str, weights: str | None) -> tuple[str, str]:
+    """(model URI, weights); a torchvision model's weights are checked before Prefect starts."""
+    from cvlib.zoo import is_zoo_uri, zoo_arch
+
+    if not is_zoo_uri(uri):
+        if weights is not None:
+            raise CliError("--weights applies to torchvision/ARCH models only; a registered model or checkpoint has its own")
+        return _model_ref(uri), "DEFAULT"
+    from cvlib.models import WeightsUnavailableError, check_weights
+
+    weights = weights or "DEFAULT"
+    try:
+        how = check_weights(zoo_arch(uri), weights)
+    except WeightsUnavailableError as exc:
+        raise CliError(str(exc)) from exc
+    except ValueError as exc:  # unknown architecture or weights name
+        raise CliError(str(exc)) from exc
+    print(f"weights: {how}")
+    return uri, weights
+
+
 def cmd_score(args: argparse.Namespace) -> int:
     from cvlib.config import ScoreConfig
 
-    input_dir, model_uri = _existing(args.input, "input"), _model_ref(args.model)
+    input_spec = _score_input(args.input, args.root)
+    model_uri, weights = _score_model(args.model, args.weights)
+    if args.workers is not None and args.workers < 1:
+        raise CliError("--workers must be at least 1")
     _use_prefect()
     from flows.score import score
+    from tasks.score import ScoringEngine
 
-    cfg = ScoreConfig(**{k: v for k, v in {"batch_size": args.batch_size, "num_workers": args.workers, "device": args.device}.items() if v is not None})
-    result = score(input_dir=input_dir, model_uri=model_uri, out=str(Path(args.out).resolve()), config=cfg)
+    cfg = ScoreConfig(**{k: v for k, v in {"batch_size": args.batch_size, "num_workers": args.loader_workers, "device": args.device,
+                                          "precision": args.precision, "top_k": args.top_k}.items() if v is not None})
+    engine = ScoringEngine(**{k: v for k, v in {"compile": args.compile or None, "gpu_decode": args.gpu_decode,
+                                               "part_size": args.part_size}.items() if v is not None})
+    result = score(
+        input_dir=input_spec, model_uri=model_uri, out=str(Path(args.out).expanduser().absolute()), config=cfg, weights=weights,
+        workers=args.workers or 1, dask_address=args.dask_address, shards=args.shards,
+        root=str(Path(args.root).expanduser().resolve()) if args.root else None, engine=engine,
+    )
     _print_paths(
         "scoring finished",
-        {"predictions": result.output, "files": result.files, "errors": result.errors,
-         "images/s": f"{result.files / max(result.seconds, 1e-9):.1f}", "model": f"{result.model_uri} (version {result.model_version})"},
+        {"predictions": f"{result.output} ({result.layout})", "files": result.files, "errors": result.errors,
+         "resumed": f"{result.skipped} already scored, skipped", "images/s": f"{result.images_per_s:.1f}",
+         "model": f"{result.model_uri} (version {result.model_version})"},
     )
     return 0
 
@@ -250,6 +328,9 @@ def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="visionflow", description="Retrain and serve image classifiers as Prefect flows.")
     sub = p.add_subparsers(dest="command", required=True)
 
+    s = sub.add_parser("config", help="print the default retraining configuration as JSON")
+    s.set_defaults(func=cmd_config)
+
     s = sub.add_parser("demo-data", help="write scikit-learn's digits as an image folder")
     s.add_argument("dir")
     s.add_argument("--size", type=int, default=64)
@@ -263,6 +344,7 @@ def make_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("retrain", help="fine-tune on an image folder and register the model")
     s.add_argument("data_dir")
+    s.add_argument("--config", help="JSON file with any part of the configuration (see cvlib/config.py); options override it")
     s.add_argument("--epochs", type=int)
     s.add_argument("--image-size", type=int)
     s.add_argument("--batch-size", type=int)
@@ -272,18 +354,38 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int)
     s.add_argument("--model-name")
     s.add_argument("--workers", type=int, help="DataLoader worker processes")
-    s.add_argument("--device")
+    s.add_argument("--device", help="auto (CUDA, then MPS, then CPU), cuda, mps, cpu")
+    s.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
     s.add_argument("--freeze-backbone", action="store_true")
+    s.add_argument("--head-epochs", type=int, help="epochs training the head alone first (default: 1 with pretrained weights, 0 with none)")
+    s.add_argument("--early-stopping-patience", type=int, help="stop after this many epochs without a better val_top1 (default: off)")
     s.add_argument("--output-dir")
     s.set_defaults(func=cmd_retrain)
 
-    s = sub.add_parser("score", help="top-5 predictions for every image in a folder, to Parquet")
-    s.add_argument("input")
-    s.add_argument("--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION or a checkpoint file")
-    s.add_argument("--out", required=True)
+    s = sub.add_parser(
+        "score", help="top-5 predictions for every image (folder, glob, list, manifest) to Parquet",
+        description="Score images to Parquet, one row per file (unreadable files get a row with an error). "
+        "OUT ending in .parquet is one file written at the end; any other OUT is a dataset folder of part "
+        "files. Rerunning into the same OUT resumes: files already scored by the same model version are skipped.",
+    )  # fmt: skip
+    s.add_argument("input", help="a folder (recursive), a glob ('photos/**/*.jpg'), a text file of paths, or a manifest .parquet")
+    s.add_argument("--model", required=True,
+                   help="models:/NAME@ALIAS, models:/NAME/VERSION, a checkpoint or package, or torchvision/ARCH (ImageNet)")
+    s.add_argument("--weights", help="for torchvision/ARCH: DEFAULT (default), a weights name, a file, or none (random, for benchmarks)")
+    s.add_argument("--out", required=True, help="OUT.parquet (one file) or a folder (Parquet dataset of part files)")
+    s.add_argument("--root", help="where a list's or manifest's relative paths start")
     s.add_argument("--batch-size", type=int)
-    s.add_argument("--workers", type=int)
-    s.add_argument("--device")
+    s.add_argument("--top-k", type=int)
+    s.add_argument("--workers", type=int, help="Dask worker processes on a local cluster (default 1: in this process)")
+    s.add_argument("--dask-address", help="an existing Dask scheduler, tcp://HOST:PORT (instead of a local cluster)")
+    s.add_argument("--shards", type=int, help="file-list shards (default: one per worker)")
+    s.add_argument("--loader-workers", type=int, help="decoding worker processes per scoring process")
+    s.add_argument("--device", help="auto (CUDA, then MPS, then CPU), cuda, mps, cpu")
+    s.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="auto: bf16 on CUDA and on CPUs with native bf16, else fp32")
+    s.add_argument("--compile", action="store_true", help="torch.compile the model")
+    s.add_argument("--gpu-decode", choices=["auto", "on", "off"], help="decode JPEGs with nvJPEG on CUDA (auto: on with CUDA)")
+    s.add_argument("--part-size", type=int, help="rows per Parquet part file")
     s.set_defaults(func=cmd_score)
 
     s = sub.add_parser("explain", help="Grad-CAM HTML report for a folder")
@@ -295,7 +397,7 @@ def make_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_explain)
 
     s = sub.add_parser("demo", help="run the whole pipeline on the bundled digits")
-    s.add_argument("--epochs", type=int, default=3)
+    s.add_argument("--epochs", type=int, default=4)
     s.add_argument("--size", type=int, default=64)
     s.add_argument("--workers", type=int, default=1)
     s.add_argument("--model-name", default="visionflow-demo")

@@ -9,6 +9,7 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from cvlib.config import RetrainConfig
+from flows.naming import run_name
 from tasks.environment import mlflow_tracking_uri, runs_dir
 from tasks.explain import validation_report
 from tasks.ingest import ingest
@@ -22,6 +23,13 @@ from tasks.registry import (
 from tasks.train import fine_tune, validate
 
 
+def _default_output_dir(data_dir: str) -> Path:
+    """Keyed by the flow run, so a retried run (same id) finds its checkpoints and resumes."""
+    run_id = flow_run.id
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return runs_dir() / (f"{Path(data_dir).name}-{run_id[:8]}" if run_id else f"{stamp}-{Path(data_dir).name}")
+
+
 def _example_image(data) -> str | None:
     """A validation image for the model's input example."""
     from cvlib.ingest import read_manifest
@@ -31,11 +39,11 @@ def _example_image(data) -> str | None:
     return str(Path(data.data_dir) / val["path"].iloc[0]) if len(val) else None
 
 
-@flow(name="retrain", flow_run_name="retrain-{data_dir}", log_prints=True)
+@flow(name="retrain", flow_run_name=run_name("retrain", "data_dir"), log_prints=True)
 def retrain(data_dir: str, config: RetrainConfig = RetrainConfig(), output_dir: str | None = None) -> dict:
     """Retrain the classifier on an image folder (one sub-folder per class) and register it."""
     logger = get_run_logger()
-    out = Path(output_dir) if output_dir else runs_dir() / f"{time.strftime('%Y%m%d-%H%M%S')}-{Path(data_dir).name}"
+    out = Path(output_dir) if output_dir else _default_output_dir(data_dir)
     out.mkdir(parents=True, exist_ok=True)
 
     data = ingest(data_dir, str(out / "manifest.parquet"), config.data)
@@ -46,25 +54,35 @@ def retrain(data_dir: str, config: RetrainConfig = RetrainConfig(), output_dir: 
             data, trained.best_checkpoint, run_id, trained.history, str(out / "evaluation"),
             batch_size=config.train.batch_size, num_workers=config.train.num_workers,
         )
-        report = validation_report(
-            data,
-            trained.best_checkpoint,
-            str(out / "report.html"),
-            config.report,
-            summary={"data set": data.data_dir, "data set hash": data.dataset_hash[:16], "best epoch": trained.best_epoch, **validation.metrics},
-        )
-        log_artifact(run_id, report, "report")
         log_artifact(run_id, data.manifest_path, "data")
         registered = register_model(run_id, trained.best_checkpoint, config.model_name, validation, example_image=_example_image(data))
         decision = champion_gate(
             registered, data, validation, config.gate, batch_size=config.train.batch_size, num_workers=config.train.num_workers
         )
+        # After the gate: the report a reviewer opens names the version and the decision.
+        report = validation_report(
+            data,
+            trained.best_checkpoint,
+            str(out / "report.html"),
+            config.report,
+            summary={"data set hash": data.dataset_hash[:16], "best epoch": trained.best_epoch, "device": trained.device},
+            evaluation_dir=validation.figures_dir,
+            metrics=validation.metrics,
+            run_id=run_id,
+            model_name=config.model_name,
+            version=registered.version,
+            gate_decision=decision["reason"],
+            batch_size=config.train.batch_size,
+            num_workers=config.train.num_workers,
+        )
+        log_artifact(run_id, report, "report")
     except BaseException:
         end_run(run_id, "FAILED")
         raise
     end_run(run_id)
     result = {
         "run_id": run_id,
+        "flow_run_id": str(flow_run.id),
         "model_uri": registered.model_uri,
         "version": registered.version,
         "promoted": decision["promoted"],

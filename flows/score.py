@@ -1,17 +1,148 @@
-"""Batch scoring: an image folder and a model -> predictions Parquet."""
+"""Batch scoring: images (a folder, a glob, a list of paths or a manifest) and a model ->
+predictions Parquet, one row per file.
+
+The ``score`` flow plans the job (inputs, model version, shards), runs the ``score-shards``
+subflow on a task runner chosen from its parameters, then writes or compacts the output:
+
+* ``workers <= 1`` and no ``dask_address``: in this process (Prefect's thread pool, one shard).
+* ``workers >= 2``: a temporary local Dask cluster of that many worker processes (one thread
+  each, bound to 127.0.0.1 only, no dashboard), via prefect-dask's ``DaskTaskRunner``.
+* ``dask_address="tcp://HOST:PORT"``: an existing Dask cluster; its workers must see the input
+  files, the output folder and the model (the visionflow home, or the MLflow server to fetch the
+  pinned version from).
+
+Each worker process loads the model once (:func:`tasks.score.load_model`) and resumes from the
+part files already written, so a rerun after a crash, or a Prefect retry, scores only what is
+missing.
+"""
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 from prefect import flow
+from prefect.futures import wait
+from prefect.utilities.annotations import unmapped
 
 from cvlib.config import ScoreConfig
-from tasks.records import ScoreResult
-from tasks.score import score_folder
+from flows.naming import run_name
+from tasks.score import (
+    BatchScoreResult,
+    ScoringEngine,
+    ScoringPlan,
+    ShardResult,
+    finish_scoring,
+    plan_scoring,
+    read_progress,
+    score_shard,
+)
+
+LOOPBACK = "127.0.0.1"
 
 
-@flow(name="score", flow_run_name="score-{input_dir}", log_prints=True)
-def score(input_dir: str, model_uri: str = "models:/visionflow@champion", out: str = "predictions.parquet", config: ScoreConfig = ScoreConfig()) -> ScoreResult:
-    """Top-5 predictions for every image under ``input_dir``, one row per file."""
-    return score_folder(str(Path(input_dir)), model_uri, str(out), config)
+def local_cluster(**kwargs):
+    """A ``distributed.LocalCluster`` on the loopback interface only (scheduler, workers; no
+    dashboard), with worker processes that may start DataLoader worker processes themselves."""
+    import dask
+    from distributed import LocalCluster
+
+    options = {"processes": True, "threads_per_worker": 1, "host": LOOPBACK, "dashboard_address": None,
+               "worker_dashboard_address": None} | kwargs  # fmt: skip
+    # Dask starts workers with OMP_NUM_THREADS=1; torch should use this worker's share of the cores.
+    threads = str(max(1, (os.cpu_count() or 1) // max(1, int(options.get("n_workers") or 1))))
+    environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ", {}))
+    environ.update({"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads})
+    with dask.config.set({"distributed.worker.daemon": False, "distributed.nanny.pre-spawn-environ": environ}):
+        return LocalCluster(**options)
+
+
+def task_runner(workers: int = 1, dask_address: str | None = None):
+    """The task runner for the shards: see the module docstring."""
+    if dask_address:
+        from prefect_dask import DaskTaskRunner
+
+        return DaskTaskRunner(address=dask_address)
+    if workers >= 2:
+        from prefect_dask import DaskTaskRunner
+
+        return DaskTaskRunner(cluster_class=local_cluster, cluster_kwargs={"n_workers": workers})
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    return ThreadPoolTaskRunner(max_workers=1)
+
+
+def default_shards(workers: int, dask_address: str | None) -> int:
+    """One shard per worker process (each loads the model once); for an existing cluster, one per
+    worker thread it has now."""
+    if dask_address:
+        from distributed import Client
+
+        with Client(dask_address, timeout=30) as client:
+            return max(1, sum(client.nthreads().values()))
+    return max(1, workers)
+
+
+def _progress_bar(total: int, initial: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, unit="img", desc="scoring", disable=None, dynamic_ncols=True)
+
+
+@flow(name="score-shards", log_prints=True)
+def score_shards(plan: ScoringPlan, config: ScoreConfig, engine: ScoringEngine) -> list[ShardResult]:
+    """Map ``score-shard`` over the plan's shards on this flow's task runner, with a progress bar
+    (a terminal only) and a Prefect progress artifact fed from the shards' progress files."""
+    from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+    total = max(plan.files, 1)
+    artifact = create_progress_artifact(progress=0.0, key="scoring-progress", description=f"Scoring {plan.files} files")
+    futures = score_shard.map(unmapped(plan), range(len(plan.shard_lists)), unmapped(config), unmapped(engine))
+    bar = _progress_bar(plan.files, 0)
+    last = 0
+    try:
+        while True:
+            done, not_done = wait(futures, timeout=1.0)
+            seen = min(read_progress(plan), plan.files)
+            if seen != last:
+                bar.update(seen - last)
+                last = seen
+                update_progress_artifact(artifact, progress=100.0 * seen / total)
+            if not not_done:
+                break
+    finally:
+        bar.close()
+    results = [f.result() for f in futures]
+    update_progress_artifact(artifact, progress=100.0)
+    return results
+
+
+@flow(name="score", flow_run_name=run_name("score", "input_dir"), log_prints=True)
+def score(
+    input_dir: str,
+    model_uri: str = "models:/visionflow@champion",
+    out: str = "predictions.parquet",
+    config: ScoreConfig = ScoreConfig(),
+    weights: str = "DEFAULT",
+    workers: int = 1,
+    dask_address: str | None = None,
+    shards: int | None = None,
+    root: str | None = None,
+    engine: ScoringEngine = ScoringEngine(),
+) -> BatchScoreResult:
+    """Top-5 predictions for every input file, one row per file.
+
+    ``input_dir``: a folder (recursive), a glob, a text file of paths or a manifest ``.parquet``
+    (``root``: where a list's or manifest's relative paths start). ``model_uri``:
+    ``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, a checkpoint or package path, or
+    ``torchvision/ARCH`` with ``weights`` (DEFAULT, a weights name, a file, or none).
+    ``out``: ``*.parquet`` -> one file written at the end; otherwise a dataset folder of part files.
+    """
+    plan = plan_scoring(input_dir, model_uri, str(out), weights=weights, shards=shards or default_shards(workers, dask_address), root=root)
+    t0 = time.perf_counter()
+    runner = task_runner(workers, dask_address)
+    results = score_shards.with_options(task_runner=runner, flow_run_name=f"score-shards-{Path(str(input_dir)).name or 'run'}")(
+        plan, config, engine
+    )
+    return finish_scoring(plan, results, config, time.perf_counter() - t0)

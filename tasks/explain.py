@@ -1,7 +1,15 @@
-"""Explanation stage: Grad-CAM report for a set of images and a model."""
+"""Explanation stage: Grad-CAM report for a set of images and a model.
+
+Both tasks screen their candidates in one cheap pass (no CAM), choose the images worth a CAM
+(misclassified first, stratified across classes: :func:`cvlib.report.choose_samples`), explain
+only those, and write one self-contained HTML file. A Prefect link artifact points at the report
+(the MLflow UI's view of it when the run lives on a tracking server) and a markdown artifact
+carries its headline numbers, so the Prefect UI answers "is this model any good?" without a click.
+"""
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 from prefect import task
@@ -12,57 +20,233 @@ from tasks.log import run_logger
 from tasks.records import IngestResult
 from tasks.registry import resolve_model
 
+#: The retrain flow logs the report under this artifact path of its MLflow run.
+REPORT_ARTIFACT_DIR = "report"
 
-def _sample(items: list, n: int, seed: int) -> list:
-    import random
-
-    if len(items) <= n:
-        return list(items)
-    return sorted(random.Random(seed).sample(items, n))
+#: At most this many files of a folder are screened (a seeded random subset beyond it): the
+#: screening pass is a full forward per image, and a folder to explain can be a whole archive.
+SCREEN_LIMIT = 5000
 
 
 @task(name="explain-folder")
-def explain_folder(input_dir: str, model_uri: str, out: str, config: ReportConfig) -> str:
-    """Report on a folder: labels are read from class sub-folders when their names are classes."""
+def explain_folder(input_dir: str, model_uri: str, out: str, config: ReportConfig, num_workers: int = 0) -> str:
+    """Report on a folder. Labels are read from class sub-folders when their names are classes;
+    labelled images are screened first so the report shows the misclassified ones and the
+    confusions over every screened image."""
     from cvlib.checkpoint import load_package
+    from cvlib.metrics import classification_metrics
     from cvlib.predict import list_input_files
+    from cvlib.report import confusions_from_matrix
 
     local, version = resolve_model(model_uri)
     model, meta = load_package(local)
-    files = _sample(list_input_files(input_dir), config.samples, config.seed)
+    found = list_input_files(input_dir)
+    candidates = found if len(found) <= SCREEN_LIMIT else sorted(random.Random(config.seed).sample(found, SCREEN_LIMIT))
     classes = set(meta["class_names"])
-    labels = [f.split("/")[0] if "/" in f and f.split("/")[0] in classes else None for f in files]
-    summary = {"model": f"{model_uri} (version {version})", "architecture": meta["arch"], "input": input_dir, "images explained": len(files)}
-    return _write(model, meta, input_dir, files, labels, out, summary, title=f"Grad-CAM report: {Path(input_dir).name}")
+    labels = [f.split("/")[0] if "/" in f and f.split("/")[0] in classes else None for f in candidates]
+    screening, picked = _screen_and_choose(model, meta, input_dir, candidates, labels, config, num_workers=num_workers)
+
+    metrics: dict[str, float] = {}
+    confusions = scope = None
+    per_class = None
+    labelled = screening.labelled
+    if labelled.any():
+        rep = classification_metrics(screening.true_idx[labelled], screening.probs[labelled], meta["class_names"], prefix="")
+        metrics = rep["metrics"] | {"loss": float(screening.losses[labelled].mean())}
+        per_class = {k: v for k, v in rep["per_class"].items() if v["support"]}
+        confusions = confusions_from_matrix(rep["confusion_matrix"], meta["class_names"])
+        scope = f"over all {int(labelled.sum())} labelled images screened"
+    summary = {
+        "model": model_uri,
+        "version": version,
+        "architecture": meta["arch"],
+        "classes": len(meta["class_names"]),
+        "trained on (data set hash)": str(meta.get("dataset_hash", "–"))[:16],
+        "input": input_dir,
+        "images found": len(found),
+        "images screened": f"{len(screening.files)} ({int(labelled.sum())} labelled by class folder)",
+    }
+    return _write(
+        model, meta, input_dir, screening, picked, out, config,
+        title=f"Grad-CAM report: {Path(input_dir).name}",
+        subtitle=f"{meta['arch']} · {model_uri} (version {version})",
+        summary=summary, metrics=metrics, confusions=confusions, confusions_scope=scope, per_class=per_class,
+        sampling=_sampling_note(screening, picked, "images"),
+        artifact_key="gradcam-report",
+    )
 
 
 @task(name="validation-report")
-def validation_report(ingest: IngestResult, checkpoint: str, out: str, config: ReportConfig, summary: dict) -> str:
-    """Report on a sample of the validation split, for the retraining run."""
+def validation_report(
+    ingest: IngestResult,
+    checkpoint: str,
+    out: str,
+    config: ReportConfig,
+    summary: dict,
+    *,
+    evaluation_dir: str | None = None,
+    metrics: dict[str, float] | None = None,
+    run_id: str | None = None,
+    model_name: str | None = None,
+    version: str | None = None,
+    gate_decision: str | None = None,
+    batch_size: int = 64,
+    num_workers: int = 0,
+) -> str:
+    """Report on the validation split, for the retraining run: the whole split is screened, the
+    chosen images get CAMs, and the validation stage's figures and confusion matrix (over the
+    whole split, from ``evaluation_dir/val_metrics.json``) are embedded."""
     from cvlib.checkpoint import model_from_checkpoint
     from cvlib.ingest import read_manifest
+    from cvlib.report import confusions_from_matrix, load_evaluation
 
     manifest = read_manifest(ingest.manifest_path)
     val = manifest[(manifest["status"] == "ok") & (manifest["split"] == "val")]
-    picked = _sample(list(zip(val["path"], val["label"], strict=True)), config.samples, config.seed)
     model, meta = model_from_checkpoint(checkpoint)
+    screening, picked = _screen_and_choose(
+        model, meta, ingest.data_dir, list(val["path"]), list(val["label"]), config, batch_size=batch_size, num_workers=num_workers
+    )
+    figures, val_metrics = load_evaluation(evaluation_dir, Path(checkpoint).parent)
+    if val_metrics and val_metrics.get("class_names") == list(meta["class_names"]):
+        confusions = confusions_from_matrix(val_metrics["confusion_matrix"], val_metrics["class_names"])
+        per_class = val_metrics.get("per_class")
+        total = sum(map(sum, val_metrics["confusion_matrix"]))
+    else:  # no validation stage output: the screening pass covered the whole split as well
+        from cvlib.metrics import classification_metrics
+
+        labelled = screening.labelled
+        rep = classification_metrics(screening.true_idx[labelled], screening.probs[labelled], meta["class_names"]) if labelled.any() else None
+        confusions = confusions_from_matrix(rep["confusion_matrix"], meta["class_names"]) if rep else []
+        per_class = rep["per_class"] if rep else None
+        total = int(labelled.sum())
+        metrics = metrics or (rep["metrics"] if rep else {})
+    head = {
+        "model": f"{model_name} · {meta['arch']}" if model_name else meta["arch"],
+        "version": (f"{version} (MLflow run {run_id})" if version else f"not registered (MLflow run {run_id})") if run_id else "not registered",
+        **({"champion gate": gate_decision} if gate_decision else {}),
+        "checkpoint": checkpoint,
+        "data set": ingest.data_dir,
+        "validation images": f"{len(val)} ({len(screening.errors)} unreadable)" if screening.errors else len(val),
+    }
     return _write(
-        model, meta, ingest.data_dir, [p for p, _ in picked], [lbl for _, lbl in picked], out, summary,
-        title=f"Validation report: {meta['arch']} on {Path(ingest.data_dir).name}",
+        model, meta, ingest.data_dir, screening, picked, out, config,
+        title=f"Validation report: {model_name or meta['arch']} on {Path(ingest.data_dir).name}",
+        subtitle=f"{meta['arch']} · {len(meta['class_names'])} classes" + (f" · MLflow run {run_id}" if run_id else ""),
+        summary=head | dict(summary), metrics=metrics or {}, figures=figures,
+        confusions=confusions, confusions_scope=f"over the whole validation split ({total} images)", per_class=per_class,
+        sampling=_sampling_note(screening, picked, "validation images"),
+        artifact_key="validation-report", run_id=run_id,
     )
 
 
-def _write(model, meta, root, files, labels, out, summary, *, title) -> str:
-    from cvlib.report import explain_files, render_report, write_report
+def _screen_and_choose(model, meta, root, files, labels, config: ReportConfig, *, batch_size: int = 64, num_workers: int = 0):
+    from cvlib.report import choose_samples, screen_files
 
-    samples, errors = explain_files(model, meta, root, files, labels=labels)
-    html = render_report(samples, title=title, subtitle="visionflow", summary=summary, errors=errors)
-    path = write_report(html, out)
+    screening = screen_files(model, meta, root, files, labels=labels, batch_size=batch_size, num_workers=num_workers)
+    picked = choose_samples(screening.true_idx, screening.preds, screening.losses, config.samples, seed=config.seed)
+    return screening, picked
+
+
+def _sampling_note(screening, picked: list[int], what: str) -> str:
+    wrong = (screening.true_idx >= 0) & (screening.true_idx != screening.preds)
+    chosen_wrong = int(wrong[picked].sum()) if picked else 0
+    return (
+        f"{len(picked)} of {len(screening.files)} {what} explained, chosen after one pass over all of them: "
+        f"{chosen_wrong} of the {int(wrong.sum())} misclassified (highest loss first, spread across classes, at most half "
+        f"the budget), then correctly classified ones stratified across classes."
+    )
+
+
+def _mlflow_report_link(run_id: str | None, name: str) -> str | None:
+    """The MLflow UI's page for the report artifact, when the run lives on a tracking server."""
+    if not run_id:
+        return None
+    from tasks.environment import mlflow_tracking_uri
+    from tasks.registry import client
+
+    uri = mlflow_tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return None
+    from mlflow.exceptions import MlflowException
+
+    try:
+        experiment_id = client().get_run(run_id).info.experiment_id
+    except (MlflowException, OSError) as exc:  # a link is a convenience: never fail the report for it
+        run_logger().warning("no MLflow link for the report: %s", exc)
+        return None
+    return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}/artifactPath/{REPORT_ARTIFACT_DIR}/{name}"
+
+
+def _num(value: float) -> str:
+    text = f"{value:.3f}"
+    return "0.000" if float(text) == 0 else text
+
+
+def _md(text: object) -> str:
+    """Plain text for a markdown table cell (labels are user data)."""
+    out = str(text)
+    for ch in "\\`*_[]<>|#":
+        out = out.replace(ch, "\\" + ch)
+    return out.replace("\n", " ")
+
+
+def _write(model, meta, root, screening, picked, out, config: ReportConfig, *, title, subtitle, summary, metrics,
+           confusions, confusions_scope, per_class, sampling, artifact_key, figures=None, run_id=None) -> str:
+    from cvlib.report import (
+        explain_files,
+        faithfulness_summary,
+        metric_table,
+        render_report,
+        write_report,
+    )
+
+    files = [screening.files[i] for i in picked]
+    labels = [screening.labels[i] for i in picked]
+    samples, errors = explain_files(model, meta, root, files, labels=labels, seed=config.seed)
+    errors = screening.errors + errors
+    html = render_report(
+        samples, title=title, subtitle=subtitle, summary=summary, metrics=metrics, figures=figures, errors=errors,
+        confusions=confusions, confusions_scope=confusions_scope or "", per_class=per_class,
+        class_names=meta["class_names"], sampling=sampling,
+    )
+    path = write_report(html, out).resolve()
     wrong = sum(not s.correct for s in samples)
-    create_link_artifact(key="gradcam-report", link=path.resolve().as_uri(), description=f"Grad-CAM report ({len(samples)} images)")
-    create_markdown_artifact(
-        key="gradcam-report-summary",
-        markdown=f"# {title}\n\n{len(samples)} images explained, {wrong} misclassified, {len(errors)} unreadable.\n\nReport: `{path}`",
-    )
+    faith = faithfulness_summary(samples)
+
+    ui_link = _mlflow_report_link(run_id, path.name)
+    if ui_link:
+        create_link_artifact(
+            key=artifact_key, link=ui_link, link_text=f"{title} (MLflow run {run_id[:8]})",
+            description=f"Grad-CAM report in the MLflow UI ({len(samples)} images, {wrong} misclassified)",
+        )
+    else:
+        create_link_artifact(
+            key=artifact_key, link=path.as_uri(), link_text=f"{path.name} (local file: open it in a browser)",
+            description=f"Grad-CAM report, {len(samples)} images, {wrong} misclassified: {path}",
+        )
+    lines = [f"# {_md(title)}", ""]
+    table = metric_table(metrics or {})
+    if table["rows"]:
+        lines += ["| | " + " | ".join(table["columns"]) + " |", "|---" * (len(table["columns"]) + 1) + "|"]
+        lines += [f"| {row['split']} | " + " | ".join(row["values"]) + " |" for row in table["rows"]]
+        lines.append("")
+    lines.append(f"- **{len(samples)}** images explained, **{wrong}** misclassified, {len(errors)} unreadable")
+    if faith:
+        lines.append(
+            f"- faithfulness: blurring the top {round(100 * faith['fraction'])}% CAM pixels drops confidence by "
+            f"**{_num(faith['cam_drop_mean'])}** on average vs **{_num(faith['random_drop_mean'])}** for random pixels "
+            f"(CAM wins on {faith['beats_random']}/{faith['n']} images): {faith['verdict']}"
+        )
+    if confusions:
+        top = ", ".join(f"{_md(c['true'])} → {_md(c['pred'])} ({c['count']})" for c in confusions[:3])
+        lines.append(f"- top confusions {_md(confusions_scope or '')}: {top}")
+    lines += ["", "**Open the report:**"]
+    if ui_link:
+        lines.append(f"- MLflow UI: [{REPORT_ARTIFACT_DIR}/{path.name}]({ui_link})")
+    if run_id:
+        lines.append(f"- MLflow artifact: `runs:/{run_id}/{REPORT_ARTIFACT_DIR}/{path.name}` "
+                     f"(`mlflow artifacts download -r {run_id} -a {REPORT_ARTIFACT_DIR}/{path.name}`)")
+    lines.append(f"- local file: `{path}`")
+    create_markdown_artifact(key=f"{artifact_key}-summary", markdown="\n".join(lines), description=f"{title}: headline numbers")
     run_logger().info("report with %d images (%d misclassified) -> %s", len(samples), wrong, path)
     return str(path)

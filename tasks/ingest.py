@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 from prefect import task
@@ -16,6 +17,7 @@ from cvlib.ingest import (
     summarize,
     write_manifest,
 )
+from tasks.environment import visionflow_home
 from tasks.log import run_logger
 from tasks.records import IngestResult
 
@@ -23,11 +25,15 @@ from tasks.records import IngestResult
 @task(name="ingest", retries=1, retry_delay_seconds=5)
 def ingest(data_dir: str, manifest_path: str, config: DataConfig) -> IngestResult:
     logger = run_logger()
-    manifest, skipped = build_manifest(data_dir, config)
+    # The last manifest of this folder: unchanged files (same size and mtime) are not read again.
+    cache = manifest_cache(data_dir)
+    manifest, skipped = build_manifest(data_dir, config, previous=cache if cache.is_file() else None)
     summary = summarize(manifest) | {"skipped": skipped}
     digest = dataset_hash(manifest)
     names = class_names(manifest)
-    write_manifest(manifest, manifest_path, metadata={"visionflow.dataset_hash": digest, "visionflow.class_names": names})
+    metadata = {"visionflow.dataset_hash": digest, "visionflow.class_names": names}
+    write_manifest(manifest, manifest_path, metadata=metadata)
+    write_manifest(manifest, cache, metadata=metadata)
     create_markdown_artifact(key="ingestion-summary", markdown=_markdown(data_dir, summary, manifest), description="Ingestion summary")
     logger.info(
         "ingested %s: %d files, %d usable, %d duplicates, %d quarantined, %d classes",
@@ -38,6 +44,11 @@ def ingest(data_dir: str, manifest_path: str, config: DataConfig) -> IngestResul
     return IngestResult(
         data_dir=str(Path(data_dir).resolve()), manifest_path=str(manifest_path), dataset_hash=digest, class_names=names, summary=summary
     )
+
+
+def manifest_cache(data_dir: str) -> Path:
+    key = hashlib.sha256(str(Path(data_dir).resolve()).encode()).hexdigest()[:16]
+    return visionflow_home() / "manifests" / f"{Path(data_dir).name}-{key}.parquet"
 
 
 def _markdown(data_dir: str, summary: dict, manifest) -> str:

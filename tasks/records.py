@@ -19,6 +19,8 @@ class TrainResult(BaseModel):
     best_epoch: int
     device: str
     history: list[dict]
+    stopped_early: bool = False
+    stop_reason: str | None = None
 
 
 class Validation(BaseModel):

@@ -7,10 +7,10 @@ run", so tasks running in threads cannot log into each other's runs.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
-from contextlib import contextmanager
 import json
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +84,10 @@ def log_metrics(run_id: str, metrics: dict[str, float], step: int | None = None)
 
     now = int(time.time() * 1000)
     client().log_batch(run_id, metrics=[Metric(k, float(v), now, step or 0) for k, v in metrics.items()])
+
+
+def set_run_tag(run_id: str, key: str, value: str) -> None:
+    client().set_tag(run_id, key, value)
 
 
 def log_artifact(run_id: str, path: str | Path, artifact_path: str | None = None) -> None:

@@ -11,7 +11,7 @@ from cvlib.config import RetrainConfig
 from cvlib.ingest import read_manifest
 from tasks.log import run_logger
 from tasks.records import IngestResult, TrainResult, Validation
-from tasks.registry import log_artifacts, log_metrics, system_metrics
+from tasks.registry import log_artifact, log_artifacts, log_metrics, set_run_tag, system_metrics
 
 
 @task(name="fine-tune")
@@ -21,6 +21,7 @@ def fine_tune(ingest: IngestResult, config: RetrainConfig, checkpoint_dir: str, 
     from cvlib.train import EpochRecord, fit
 
     logger = run_logger()
+    _log_augmentation_preview(ingest, config, checkpoint_dir, run_id)
 
     def on_epoch(record: EpochRecord) -> None:
         metrics = {k: v for k, v in asdict(record).items() if k != "epoch"}
@@ -41,13 +42,36 @@ def fine_tune(ingest: IngestResult, config: RetrainConfig, checkpoint_dir: str, 
             extra_meta={"dataset_hash": ingest.dataset_hash},
             on_epoch=on_epoch,
         )
+    if result.stopped_early:
+        logger.info("early stopping: %s", result.stop_reason)
+        set_run_tag(run_id, "visionflow.stopped_early", result.stop_reason or "true")
     return TrainResult(
         best_checkpoint=result.best_checkpoint,
         last_checkpoint=result.last_checkpoint,
         best_epoch=result.best_epoch,
         device=result.device,
         history=[asdict(h) for h in result.history],
+        stopped_early=result.stopped_early,
+        stop_reason=result.stop_reason,
     )
+
+
+def _log_augmentation_preview(ingest: IngestResult, config: RetrainConfig, out_dir: str, run_id: str) -> None:
+    """One training image and what the augmentation makes of it: the first thing to check when
+    a run learns nothing."""
+    from cvlib.imageio import load_rgb
+    from cvlib.preview import augmentation_preview
+    from cvlib.transforms import train_preset
+
+    manifest = read_manifest(ingest.manifest_path)
+    train = manifest[(manifest["status"] == "ok") & (manifest["split"] == "train")]
+    if train.empty:
+        return
+    image = load_rgb(Path(ingest.data_dir) / train["path"].iloc[0])
+    path = Path(out_dir) / "augmentation_preview.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(augmentation_preview(image, train_preset(config.augment), n=8, seed=config.train.seed))
+    log_artifact(run_id, path, "evaluation")
 
 
 @task(name="validate")

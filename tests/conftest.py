@@ -21,6 +21,7 @@ os.environ["DO_NOT_TRACK"] = "1"
 os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "180"
 os.environ["MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING"] = "false"
 os.environ.pop("MLFLOW_TRACKING_URI", None)
+os.environ.pop("MLFLOW_REGISTRY_URI", None)
 os.environ.pop("PREFECT_API_URL", None)
 
 import pytest  # noqa: E402
@@ -117,6 +118,44 @@ def prefect_server_postgres(session_root: Path, postgres_url: str):
     )
     with ctx:
         yield url
+
+
+def mlflow_client(uri: str):
+    """A client bound to one server for tracking *and* registry: MlflowClient(tracking_uri=X)
+    alone would still use a registry URI another test set globally."""
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+@pytest.fixture
+def use_mlflow(monkeypatch):
+    """Point this process at one MLflow server for one test: the environment variable and
+    MLflow's process-wide tracking and registry URIs, all restored afterwards."""
+    def _use(uri: str) -> None:
+        import mlflow
+
+        # Recorded by monkeypatch first: MLflow's setters export both variables themselves.
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        monkeypatch.setenv("MLFLOW_REGISTRY_URI", uri)
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_registry_uri(uri)
+
+    yield _use
+    reset_mlflow_globals()
+
+
+def reset_mlflow_globals() -> None:
+    """Forget process-wide MLflow URIs (MLflow has no public way to unset the registry's)."""
+    import sys
+
+    if "mlflow" not in sys.modules:
+        return
+    import mlflow
+    from mlflow.tracking._model_registry import utils as registry_utils
+
+    mlflow.set_tracking_uri(None)
+    registry_utils._registry_uri = None
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ VISIONFLOW = str(Path(sys.executable).parent / "visionflow")
 
 
 def run_cli(*args: str, home: Path, timeout: float = 600, **env: str) -> subprocess.CompletedProcess:
-    full_env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL")}
+    full_env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "PREFECT_API_URL")}
     full_env.update(VISIONFLOW_HOME=str(home), PREFECT_HOME=str(home / "prefect"), **env)
     return subprocess.run([VISIONFLOW, *args], env=full_env, capture_output=True, text=True, timeout=timeout)
 

@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 
 from tests import servers
+from tests.conftest import mlflow_client
 
 pytestmark = pytest.mark.slow
 
@@ -32,7 +33,7 @@ def user_env(prefect_server, mlflow_server, tmp_path, digits_dir):
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
     env.update(
         PREFECT_API_URL=prefect_server,
-        MLFLOW_TRACKING_URI=mlflow_server,
+        MLFLOW_TRACKING_URI=mlflow_server, MLFLOW_REGISTRY_URI=mlflow_server,
         VISIONFLOW_HOME=str(tmp_path / "home"),
         VISIONFLOW_ROOT=str(ROOT),
         VISIONFLOW_DATA_DIR=str(digits_dir),
@@ -57,7 +58,6 @@ def worker(user_env, tmp_path):
 
 
 def test_deployment_run_retrains_and_scores(user_env, worker, mlflow_server, digits_dir, tmp_path):
-    from mlflow import MlflowClient
 
     name = f"deployed-{uuid.uuid4().hex[:6]}"
     params = {
@@ -73,7 +73,7 @@ def test_deployment_run_retrains_and_scores(user_env, worker, mlflow_server, dig
     proc = prefect_cli("deployment", "run", "retrain/scheduled", "--params", json.dumps(params),
                        "--watch", "--watch-timeout", "600", env=user_env, timeout=700)
     assert "Completed" in proc.stdout, proc.stdout[-2000:] + worker.read_text()[-3000:]
-    client = MlflowClient(tracking_uri=mlflow_server)
+    client = mlflow_client(mlflow_server)
     champion = client.get_model_version_by_alias(name, "champion")
     assert champion.version == "1"
     assert (tmp_path / "run" / "report.html").is_file() and (tmp_path / "run" / "manifest.parquet").is_file()

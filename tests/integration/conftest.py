@@ -6,12 +6,13 @@ import uuid
 
 import pytest
 
+from tests.conftest import reset_mlflow_globals
 from tests.integration.support import small_config
 
 
 @pytest.fixture(scope="session")
 def retrained(digits_dir, mlflow_server, prefect_server, tmp_path_factory):
-    """One retraining run shared by the tests of this module."""
+    """One retraining run on the real servers, shared by the integration tests."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from flows.retrain import retrain
@@ -20,24 +21,26 @@ def retrained(digits_dir, mlflow_server, prefect_server, tmp_path_factory):
     out = tmp_path_factory.mktemp("retrain")
     mp = pytest.MonkeyPatch()
     mp.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    mp.setenv("MLFLOW_REGISTRY_URI", mlflow_server)
     mp.setenv("PREFECT_API_URL", prefect_server)
     try:
         with temporary_settings(updates={PREFECT_API_URL: prefect_server}):
             result = retrain(data_dir=str(digits_dir), config=small_config(name), output_dir=str(out))
-        from tasks.records import IngestResult
-
-        ingest = IngestResult(
-            data_dir=str(digits_dir), manifest_path=result["manifest"], dataset_hash="h",
-            class_names=[str(d) for d in range(10)], summary={},
-        )
-        yield {"result": result, "name": name, "out": out, "ingest": ingest}
-    finally:
+    finally:  # nothing process-wide outlives the fixture's setup
+        reset_mlflow_globals()
         mp.undo()
+    from tasks.records import IngestResult
+
+    ingest = IngestResult(
+        data_dir=str(digits_dir), manifest_path=result["manifest"], dataset_hash="h",
+        class_names=[str(d) for d in range(10)], summary={},
+    )
+    return {"result": result, "name": name, "out": out, "ingest": ingest}
 
 
 @pytest.fixture
-def on_servers(monkeypatch, mlflow_server, prefect_server, use_prefect):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+def on_servers(mlflow_server, prefect_server, use_mlflow, use_prefect):
+    use_mlflow(mlflow_server)
     use_prefect(prefect_server)
 
 

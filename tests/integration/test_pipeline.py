@@ -15,15 +15,15 @@ import pandas as pd
 import pytest
 
 from cvlib.config import ReportConfig, ScoreConfig
+from tests.conftest import mlflow_client
 from tests.integration.support import small_config
 
 pytestmark = pytest.mark.slow
 
 
 def test_registered_version_is_champion(retrained, on_servers):
-    from mlflow import MlflowClient
 
-    client = MlflowClient()
+    client = mlflow_client(os.environ["MLFLOW_TRACKING_URI"])
     name, version = retrained["name"], retrained["result"]["version"]
     mv = client.get_model_version(name, version)
     assert mv.tags["visionflow.run_id"] == retrained["result"]["run_id"]
@@ -39,11 +39,11 @@ def test_prefect_server_recorded_the_flow_and_tasks(retrained, on_servers):
     from prefect import get_client
 
     with get_client(sync_client=True) as client:
-        runs = client.read_flow_runs()
-    names = {r.name for r in runs}
-    assert any(n.startswith("retrain-") for n in names), names
-    completed = [r for r in runs if r.name.startswith("retrain-")]
-    assert all(r.state.is_completed() for r in completed)
+        run = client.read_flow_run(retrained["result"]["flow_run_id"])
+        tasks = client.read_task_runs()
+    assert run.name == "retrain-digits" and run.state.is_completed()
+    names = {t.name.rsplit("-", 1)[0] for t in tasks if t.flow_run_id == run.id}
+    assert {"ingest", "start-mlflow-run", "fine-tune", "validate", "register-model", "champion-gate"} <= names
 
 
 def test_model_loads_from_registry_in_a_fresh_process(retrained, mlflow_server, digits_dir, tmp_path):
@@ -55,7 +55,7 @@ def test_model_loads_from_registry_in_a_fresh_process(retrained, mlflow_server, 
         f"out = m.predict(pd.DataFrame({{'path': [{str(image)!r}]}}))\n"
         "print(out.to_json(orient='records'))\n"
     )
-    env = dict(os.environ, MLFLOW_TRACKING_URI=mlflow_server, VISIONFLOW_HOME=str(tmp_path / "elsewhere"))
+    env = dict(os.environ, MLFLOW_TRACKING_URI=mlflow_server, MLFLOW_REGISTRY_URI=mlflow_server, VISIONFLOW_HOME=str(tmp_path / "elsewhere"))
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -102,15 +102,14 @@ def test_explain_flow_report_has_one_image_per_sample(retrained, on_servers, dig
 
 
 def test_retrain_report_attached_to_the_run(retrained, on_servers):
-    from mlflow import MlflowClient
 
     report = Path(retrained["result"]["report"])
     assert report.read_text().count('class="card sample"') == 6
-    artifacts = [a.path for a in MlflowClient().list_artifacts(retrained["result"]["run_id"], "report")]
+    artifacts = [a.path for a in mlflow_client(os.environ["MLFLOW_TRACKING_URI"]).list_artifacts(retrained["result"]["run_id"], "report")]
     assert "report/report.html" in artifacts
 
 
-def test_registry_on_postgres(retrained, mlflow_server_postgres, prefect_server, use_prefect, monkeypatch, tmp_path):
+def test_registry_on_postgres(retrained, mlflow_server_postgres, prefect_server, use_mlflow, use_prefect, tmp_path):
     """The production backend: register the same checkpoint on an MLflow server backed by
     PostgreSQL, resolve it by alias and load the package."""
     from cvlib.checkpoint import load_package
@@ -118,7 +117,7 @@ def test_registry_on_postgres(retrained, mlflow_server_postgres, prefect_server,
     from tasks.records import IngestResult, Validation
     from tasks.registry import champion_gate, register_model, resolve_model, start_run
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server_postgres)
+    use_mlflow(mlflow_server_postgres)
     use_prefect(prefect_server)
     name = f"pg-{uuid.uuid4().hex[:8]}"
     config = small_config(name)

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests import servers
+from tests.conftest import mlflow_client
 
 pytestmark = pytest.mark.slow
 
@@ -30,14 +31,13 @@ def _register_copy(retrained, name: str, run_tag: str):
 def test_gate_re_evaluates_the_champion(retrained, on_servers):
     """A challenger claiming a better score than the champion re-measured on the same split
     wins; one claiming a worse score does not. Decision and scores are version tags."""
-    from mlflow import MlflowClient
 
     from cvlib.config import GateConfig
     from tasks.records import Validation
     from tasks.registry import champion_gate
 
     name = retrained["name"]
-    client = MlflowClient()
+    client = mlflow_client(os.environ["MLFLOW_TRACKING_URI"])
     champion_before = client.get_model_version_by_alias(name, "champion").version
 
     worse = _register_copy(retrained, name, "worse")
@@ -80,10 +80,8 @@ def test_concurrent_registrations_leave_one_champion(retrained, mlflow_server, p
     holds the champion alias."""
     import uuid
 
-    from mlflow import MlflowClient
-
     name = f"concurrent-{uuid.uuid4().hex[:6]}"
-    env = dict(os.environ, MLFLOW_TRACKING_URI=mlflow_server, PREFECT_API_URL=prefect_server, PYTHONPATH=str(Path(__file__).parents[2]))
+    env = dict(os.environ, MLFLOW_TRACKING_URI=mlflow_server, MLFLOW_REGISTRY_URI=mlflow_server, PREFECT_API_URL=prefect_server, PYTHONPATH=str(Path(__file__).parents[2]))
     args = [name, retrained["result"]["checkpoint"], retrained["ingest"].manifest_path, retrained["ingest"].data_dir]
     procs = [
         subprocess.Popen([sys.executable, "-c", CONCURRENT, *args, score], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -94,7 +92,7 @@ def test_concurrent_registrations_leave_one_champion(retrained, mlflow_server, p
         assert p.returncode == 0, err[-3000:]
     versions = sorted(int(out.split("VERSION")[1].split()[0]) for out, _ in outs)
     assert versions == [1, 2]
-    client = MlflowClient(tracking_uri=mlflow_server)
+    client = mlflow_client(mlflow_server)
     assert len(client.search_model_versions(f"name = '{name}'")) == 2
     champion = client.get_model_version_by_alias(name, "champion")
     assert int(champion.version) in versions
@@ -119,12 +117,12 @@ def test_metric_histories_over_rest(retrained, mlflow_server):
 
 
 def test_evaluation_artifacts_logged(retrained, on_servers):
-    from mlflow import MlflowClient
 
-    files = {a.path for a in MlflowClient().list_artifacts(retrained["result"]["run_id"], "evaluation")}
-    for name in ("confusion_matrix.png", "per_class_f1.png", "reliability.png", "training_curves.png", "val_metrics.json"):
+    files = {a.path for a in mlflow_client(os.environ["MLFLOW_TRACKING_URI"]).list_artifacts(retrained["result"]["run_id"], "evaluation")}
+    for name in ("confusion_matrix.png", "per_class_f1.png", "reliability.png", "training_curves.png", "val_metrics.json",
+                 "augmentation_preview.png"):
         assert f"evaluation/{name}" in files
-    metrics = MlflowClient().get_run(retrained["result"]["run_id"]).data.metrics
+    metrics = mlflow_client(os.environ["MLFLOW_TRACKING_URI"]).get_run(retrained["result"]["run_id"]).data.metrics
     for key in ("best_val_top1", "best_val_top5", "best_val_macro_f1", "best_val_balanced_accuracy", "best_val_ece"):
         assert key in metrics
 
@@ -137,7 +135,7 @@ def test_mlflow_models_serve_answers_rest(retrained, mlflow_server, digits_dir, 
     port = servers.free_port()
     # The serving command execs `uvicorn` by name: the virtual environment must be on PATH,
     # as it is for a user who activated it.
-    env = dict(os.environ, MLFLOW_TRACKING_URI=mlflow_server, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    env = dict(os.environ, MLFLOW_TRACKING_URI=mlflow_server, MLFLOW_REGISTRY_URI=mlflow_server, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     cmd = [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", f"models:/{retrained['name']}@champion",
            "--env-manager", "local", "-h", servers.LOOPBACK, "-p", str(port)]
     image = sorted((digits_dir / "5").glob("*.png"))[0]

@@ -14,6 +14,16 @@ from cvlib.models import create_model
 from cvlib.simple_cnn import SimpleCNN
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny batches: on a busy 2-core machine torch's second OpenMP thread mostly waits at
+    barriers (see test_architectures.py); one thread is several times faster here."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def cnn() -> SimpleCNN:
     torch.manual_seed(0)
@@ -170,7 +180,7 @@ def checkpoint_and_image(tmp_path):
         "preprocessing": {"image_size": 32, "resize_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3},
     }
     ckpt = save_atomic({"model": model.state_dict(), "meta": meta, "epoch": 1}, tmp_path / "best.pt")
-    y, x = np.mgrid[0:40, 0:40]
+    x = np.mgrid[0:40, 0:40][1]
     image = tmp_path / "img.png"
     Image.fromarray(((x * 6) % 256).astype(np.uint8), "L").save(image)
     return ckpt, image

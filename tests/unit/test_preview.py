@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 from cvlib.config import AugmentConfig
-from cvlib.preview import augmentation_preview, training_curves_png
+from cvlib.plots import training_curves_png
+from cvlib.preview import augmentation_preview
 from cvlib.train import EpochRecord
 from cvlib.transforms import train_preset
 

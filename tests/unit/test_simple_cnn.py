@@ -17,6 +17,16 @@ from cvlib.models import (
 from cvlib.simple_cnn import SimpleCNN
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny batches: on a busy 2-core machine torch's second OpenMP thread mostly waits at
+    barriers (see test_architectures.py); one thread is several times faster here."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize(("channels", "size"), [(1, 8), (1, 28), (3, 32), (3, 64), (3, 37)])
 def test_any_size_from_8_px_and_grey_or_rgb(channels, size):
     model = SimpleCNN(10, in_channels=channels).eval()

@@ -3,7 +3,8 @@ resnet18 from random init, 2 epochs of 2 steps each): checkpoints, history, repe
 resume after an interruption, and NaN handling.
 
 The expensive runs are module-scoped fixtures shared by several tests: one uninterrupted run,
-and a second one with the same seed interrupted after epoch 1, then resumed.
+and a second one with the same seed interrupted after epoch 1, then resumed. A third run, in a
+subprocess with DataLoader workers, is SIGKILLed after epoch 1 and resumed.
 """
 
 from __future__ import annotations
@@ -317,3 +318,65 @@ def test_param_groups_exempt_one_dimensional_params_from_decay():
     assert ids(no_decay["params"]) == {id(model[1].weight), id(model[1].bias), id(model[3].bias)}
     assert all(p.ndim > 1 for p in decay["params"]) and all(p.ndim <= 1 for p in no_decay["params"])
     torch.optim.AdamW([decay, no_decay], lr=1e-3)  # the shape AdamW accepts
+
+
+# --------------------------------------------------------------------------- a real kill
+
+_KILLED_AFTER_EPOCH_1 = """
+import sys, time
+from pathlib import Path
+from cvlib.config import RetrainConfig
+from cvlib.ingest import class_names, read_manifest
+from cvlib.train import fit
+
+root, manifest_path, config_path, out, ready = sys.argv[1:6]
+manifest = read_manifest(manifest_path)
+
+def wait_for_the_kill(record):
+    Path(ready).write_text(str(record.epoch))
+    time.sleep(600)  # SIGKILLed here: no exception, no cleanup, workers die with the group
+
+fit(data_root=root, manifest=manifest, class_names=class_names(manifest),
+    config=RetrainConfig.model_validate_json(Path(config_path).read_text()), out_dir=out, on_epoch=wait_for_the_kill)
+"""
+
+
+def test_sigkilled_process_resumes_to_the_uninterrupted_weights(dataset, straight, tmp_path):
+    """A training process (with two DataLoader workers) SIGKILLed after its first epoch's
+    checkpoints; a new fit() resumes from last.pt and ends with the weights of the straight run,
+    which loaded in-process (workers do not change what a seed means)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root, manifest, _ = dataset
+    manifest_path, config_path = tmp_path / "manifest.parquet", tmp_path / "config.json"
+    manifest.to_parquet(manifest_path)
+    cfg = config()
+    cfg.train.num_workers = 2
+    config_path.write_text(cfg.model_dump_json())
+    out, ready = tmp_path / "run", tmp_path / "ready"
+    repo = Path(__file__).resolve().parents[2]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _KILLED_AFTER_EPOCH_1, str(root), str(manifest_path), str(config_path), str(out), str(ready)],
+        env=dict(os.environ, PYTHONPATH=str(repo)), stderr=subprocess.PIPE, start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while not ready.exists():
+            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "the first epoch did not finish in time"
+            time.sleep(0.1)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+    assert load_checkpoint(out / LAST)["epoch"] == 1
+
+    resumed = _run(dataset, out, cfg, resume=True)
+    assert [h.epoch for h in resumed.epochs_seen] == [2]
+    _assert_same_weights(_weights(straight.out / LAST), _weights(out / LAST))
+    assert [h.train_loss for h in resumed.result.history] == [h.train_loss for h in straight.result.history]

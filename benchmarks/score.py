@@ -1,0 +1,191 @@
+"""Batch scoring throughput: real-size JPEG files to Parquet, ResNet-50 at 224 px, side by side.
+
+Run: ``.venv/bin/python benchmarks/score.py`` (about 2-3 minutes on 2 CPU cores).
+
+Three numbers from one run, on one machine, with the same ResNet-50 (torchvision's, random
+weights from a fixed seed: ``torchvision/resnet50 --weights none``; the speed of a network does
+not depend on its weights):
+
+* **loop**: what a notebook does: one image at a time, fp32, full Pillow decode,
+  ``Resize(256) + CenterCrop(224)``, softmax + top-5, rows collected in a list. Run on a subset
+  (``--loop-images``): it is the slow arm.
+* **pipeline**: :func:`cvlib.predict.score_to_parts`, the engine behind ``visionflow score``:
+  files -> DataLoader workers (read, sha256, JPEG draft decode, resize, crop, normalise, stack)
+  -> batched model (channels_last, bf16 autocast where the CPU has native bf16) -> writer thread
+  -> Parquet part files renamed into place. Timed end to end: worker start-up, the first batch
+  and the last write included.
+* **model-only bound**: the same model and precision (:class:`cvlib.predict.ModelRunner`) on
+  in-memory tensors, batch 32: no file is read, nothing is written. The pipeline cannot beat it,
+  so ``pipeline / bound`` is the share of the machine that decoding and writing leave to the model.
+
+Targets on a 2-core CPU: pipeline >= 1.8x the loop and >= 85% of the bound. The bound is
+measured before and after the pipeline and the higher figure is used (the machine is shared;
+the conservative choice for the ratio). ``os.getloadavg()`` is printed so that a slow figure can
+be told from a busy machine.
+
+The images: scikit-learn's two sample photos (640x427, real JPEG content), upscaled and cut into
+``--images`` distinct 1024x768 crops (random offset, flip, brightness), saved as quality-90 JPEGs.
+The pipeline and the bound use the model's own preprocessing (resize 256, crop 224, like the loop).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
+
+TARGET_VS_LOOP = 1.8
+TARGET_VS_BOUND = 0.85
+
+
+def make_jpegs(out: Path, n: int, size: tuple[int, int] = (1024, 768), seed: int = 0) -> list[str]:
+    """``n`` distinct real-content JPEGs of ``size`` from scikit-learn's sample photos."""
+    import numpy as np
+    from PIL import Image, ImageEnhance
+    from sklearn.datasets import load_sample_images
+
+    out.mkdir(parents=True, exist_ok=True)
+    photos = [Image.fromarray(a) for a in load_sample_images().images]
+    rng = np.random.default_rng(seed)
+    names = []
+    w, h = size
+    for i in range(n):
+        name = f"img_{i:04d}.jpg"
+        names.append(name)
+        if (out / name).exists():
+            continue
+        photo = photos[i % len(photos)]
+        scale = rng.uniform(1.0, 1.25) * max(w / photo.width, h / photo.height)
+        big = photo.resize((int(photo.width * scale) + 1, int(photo.height * scale) + 1), Image.BICUBIC)
+        x0, y0 = int(rng.integers(0, big.width - w + 1)), int(rng.integers(0, big.height - h + 1))
+        img = big.crop((x0, y0, x0 + w, y0 + h))
+        if rng.random() < 0.5:
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        img = ImageEnhance.Brightness(img).enhance(float(rng.uniform(0.8, 1.2)))
+        img.save(out / name, format="JPEG", quality=90)
+    return names
+
+
+def notebook_loop(model, files: list[Path], class_names: list[str]) -> float:
+    """images/s of the one-at-a-time fp32 loop."""
+    import torch
+    from PIL import Image
+    from torchvision import transforms as T
+
+    tf = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(), T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
+    rows = []
+    model.eval()
+    with torch.no_grad():
+        model(tf(Image.open(files[0]).convert("RGB")).unsqueeze(0))  # warm-up, as the pipeline's first batch
+        t0 = time.perf_counter()
+        for f in files:
+            x = tf(Image.open(f).convert("RGB")).unsqueeze(0)
+            probs = torch.softmax(model(x), dim=1)
+            p, idx = probs.topk(5)
+            rows.append({"path": f.name, "top5": [class_names[i] for i in idx[0].tolist()], "probs": p[0].tolist()})
+        seconds = time.perf_counter() - t0
+    return len(rows) / seconds
+
+
+def model_bound(runner, batches: int, batch_size: int = 32) -> float:
+    """images/s of the model alone on in-memory batches (after one warm-up batch)."""
+    import torch
+
+    torch.manual_seed(0)
+    x = torch.randn(batch_size, 3, 224, 224).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        torch.softmax(runner(x).float(), dim=1).topk(5)
+        t0 = time.perf_counter()
+        for _ in range(batches):
+            torch.softmax(runner(x).float(), dim=1).topk(5)
+        seconds = time.perf_counter() - t0
+    return batches * batch_size / seconds
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=300, help="JPEGs the pipeline scores")
+    ap.add_argument("--loop-images", type=int, default=16, help="JPEGs the notebook loop scores (a subset)")
+    ap.add_argument("--bound-batches", type=int, default=3, help="batches of 32 per bound measurement")
+    ap.add_argument("--batch-size", type=int, default=32, help="pipeline batch size")
+    ap.add_argument("--workers", type=int, default=2, help="pipeline decoding workers")
+    ap.add_argument("--loader", default="auto", choices=["auto", "processes", "threads"])
+    ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    ap.add_argument("--compile", action="store_true", help="torch.compile the model (pipeline and bound)")
+    ap.add_argument("--data-dir", help="keep the JPEGs here (reused across runs) instead of a temp folder")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    from cvlib.models import pick_device
+    from cvlib.precision import inference_dtype
+    from cvlib.predict import ModelRunner, ScoringOptions, read_predictions, score_to_parts
+    from cvlib.zoo import imagenet_model
+
+    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}")
+    tmp = tempfile.TemporaryDirectory(prefix="visionflow-bench-score-")
+    data = Path(args.data_dir) if args.data_dir else Path(tmp.name) / "jpegs"
+    t0 = time.perf_counter()
+    names = make_jpegs(data, args.images)
+    size_mb = sum((data / n).stat().st_size for n in names) / 1e6
+    print(f"{len(names)} JPEGs of 1024x768 ({size_mb:.0f} MB) in {time.perf_counter() - t0:.1f}s at {data}")
+
+    model, meta = imagenet_model("resnet50", "none")
+    meta["preprocessing"]["resize_size"] = 256  # as the notebook loop (torchvision's V1 recipe)
+    loop_model, _ = imagenet_model("resnet50", "none")  # same weights, fp32, contiguous: as a notebook has it
+    dev = pick_device("cpu")
+    amp = inference_dtype(args.precision, dev)
+    precision = "fp32" if amp is None else str(amp).removeprefix("torch.")
+    runner = ModelRunner(model, dev, amp, compile=args.compile, batch_size=32)
+
+    bound_before = model_bound(runner, args.bound_batches)
+    print(f"model-only bound ({precision}, batch 32): {bound_before:.2f} images/s")
+
+    options = ScoringOptions(
+        batch_size=args.batch_size, num_workers=args.workers, device="cpu", precision=args.precision,
+        compile=args.compile, loader=args.loader,
+    )  # fmt: skip
+    out = Path(tmp.name) / "predictions"
+    stats = score_to_parts(model, meta, data, names, out, model_uri="torchvision/resnet50", model_version="random-seed0", options=options)
+    rows = read_predictions(out)
+    assert len(rows) == len(names) and (rows["status"] == "ok").all(), "every file must have an ok row"
+    pipeline = stats.images_per_s
+    print(f"pipeline: {stats.processed} files in {stats.seconds:.1f}s = {pipeline:.2f} images/s, {len(stats.parts)} part file(s)")
+
+    bound_after = model_bound(runner, args.bound_batches)
+    print(f"model-only bound again: {bound_after:.2f} images/s")
+    bound = max(bound_before, bound_after)
+
+    loop = notebook_loop(loop_model, [data / n for n in names[: args.loop_images]], meta["class_names"])
+    print(f"notebook loop (fp32, batch 1, {args.loop_images} images): {loop:.2f} images/s")
+
+    vs_loop, vs_bound = pipeline / loop, pipeline / bound
+    print()
+    arms = [
+        ("notebook loop (fp32, batch 1)", loop, "1.00x"),
+        (f"pipeline ({precision}, batch {args.batch_size}, files -> Parquet)", pipeline, f"{vs_loop:.2f}x loop"),
+        (f"model-only bound ({precision}, batch 32, in memory)", bound, f"pipeline {vs_bound:.0%}"),
+    ]
+    width = max(len(a) for a, _, _ in arms)
+    print(f"| {'arm':<{width}} | images/s | ratio          |")
+    print(f"|{'-' * (width + 2)}|----------|----------------|")
+    for arm, rate, ratio in arms:
+        print(f"| {arm:<{width}} | {rate:8.2f} | {ratio:<14} |")
+    print()
+    ok_loop, ok_bound = vs_loop >= TARGET_VS_LOOP, vs_bound >= TARGET_VS_BOUND
+    print(f"pipeline vs loop:  {vs_loop:.2f}x (target >= {TARGET_VS_LOOP}x) {'OK' if ok_loop else 'MISSED'}")
+    print(f"pipeline vs bound: {vs_bound:.0%} (target >= {TARGET_VS_BOUND:.0%}) {'OK' if ok_bound else 'MISSED'}")
+    print(f"load average after: {os.getloadavg()[0]:.1f}; total {time.perf_counter() - t0:.0f}s")
+    tmp.cleanup()
+    return 0 if ok_loop and ok_bound else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""Fine-tune on several GPUs or machines: :func:`cvlib.train.fit` in every process of a
+``torchrun`` launch, without Prefect or MLflow.
+
+One machine, 4 GPUs::
+
+    torchrun --nproc_per_node 4 -m cvlib.train_ddp DATA_DIR --out runs/a --config retrain.json
+
+Two machines (run on each, ``--node_rank`` 0 and 1, MASTER on the first)::
+
+    torchrun --nnodes 2 --node_rank 0 --nproc_per_node 8 --master_addr HOST --master_port 29500 \\
+        -m cvlib.train_ddp DATA_DIR --out /shared/runs/a
+
+Every process trains on its shard of each epoch (``batch_size`` is per process: the global batch
+is ``batch_size x WORLD_SIZE``, and the learning rate is not rescaled for you). Rank 0 builds the
+manifest when none is given, writes ``best.pt``/``last.pt`` under ``--out`` and prints the result
+as JSON; the run resumes from ``--out/last.pt`` when it is there, so relaunching a killed job
+continues it. ``DATA_DIR`` and ``--out`` must be visible to every node (shared storage).
+Register the result afterwards with ``visionflow`` (rank 0's ``best.pt`` is a normal checkpoint).
+Without torchrun (no ``WORLD_SIZE``) it trains in one process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+MANIFEST = "manifest.parquet"
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m cvlib.train_ddp", description=__doc__.split("\n\n")[0])
+    p.add_argument("data_dir", help="image folder, one sub-folder per class")
+    p.add_argument("--out", required=True, help="checkpoint folder (resumed from when it holds last.pt)")
+    p.add_argument("--manifest", help="manifest Parquet (default: built by rank 0 into OUT/manifest.parquet)")
+    p.add_argument("--config", help="JSON file with any part of RetrainConfig; options below override it")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int, help="per process")
+    p.add_argument("--lr", type=float)
+    p.add_argument("--arch")
+    p.add_argument("--weights", help="DEFAULT, a torchvision weights name, none, or a file path")
+    p.add_argument("--image-size", type=int)
+    p.add_argument("--workers", type=int, help="DataLoader workers per process")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--seed", type=int)
+    p.add_argument("--backend", choices=["nccl", "gloo"], help="default: nccl on CUDA, else gloo")
+    return p
+
+
+def build_config(args: argparse.Namespace):
+    from cvlib.config import RetrainConfig
+
+    data = RetrainConfig().model_dump()
+    if args.config:
+        _deep_update(data, json.loads(Path(args.config).read_text()))
+    train = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "arch": args.arch,
+             "weights": args.weights, "num_workers": args.workers, "precision": args.precision, "seed": args.seed}
+    data["train"].update({k: v for k, v in train.items() if v is not None})
+    if args.image_size is not None:
+        data["augment"]["image_size"] = args.image_size
+    return RetrainConfig.model_validate(data)
+
+
+def _deep_update(base: dict, update: dict) -> None:
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _deep_update(base[key], value)
+        else:
+            base[key] = value
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    from cvlib import distributed
+    from cvlib.ingest import (
+        build_manifest,
+        class_names,
+        dataset_hash,
+        read_manifest,
+        write_manifest,
+    )
+    from cvlib.train import fit
+
+    config = build_config(args)  # before joining: a bad option fails every rank the same way
+    dinfo = distributed.init_from_env(args.backend)
+    try:
+        out = Path(args.out)
+        manifest_path = Path(args.manifest) if args.manifest else out / MANIFEST
+        if not args.manifest:
+            if dinfo.is_main and not manifest_path.is_file():
+                manifest, _ = build_manifest(args.data_dir, config.data)
+                out.mkdir(parents=True, exist_ok=True)
+                write_manifest(manifest, manifest_path)
+            distributed.barrier()
+        manifest = read_manifest(manifest_path)
+        config.train.progress = config.train.progress and dinfo.is_main and sys.stderr.isatty()
+        result = fit(
+            data_root=args.data_dir,
+            manifest=manifest,
+            class_names=class_names(manifest),
+            config=config,
+            out_dir=out,
+            resume=True,
+            extra_meta={"dataset_hash": dataset_hash(manifest)},
+            on_epoch=lambda r: print(
+                f"epoch {r.epoch}: train_loss {r.train_loss:.4f} val_loss {r.val_loss:.4f} "
+                f"val_top1 {r.val_top1:.4f} ({r.seconds:.1f}s)", flush=True,
+            ),
+        )
+        if dinfo.is_main:
+            print(json.dumps(result.to_dict(), default=str), flush=True)
+    finally:
+        distributed.destroy()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

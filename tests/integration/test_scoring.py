@@ -1,0 +1,149 @@
+"""The score flow on a real Prefect server: a Parquet dataset of part files, one row per input
+file, a rerun that resumes instead of duplicating, the same rows from two Dask worker processes
+as from one process, and the CLI with a torchvision model and a list of paths."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cvlib.config import ScoreConfig
+
+CLASSES = [str(d) for d in range(10)]
+
+
+@pytest.fixture(scope="module")
+def inputs(digits_dir, tmp_path_factory) -> Path:
+    """30 real digits in sub-folders, plus a text file and an empty file that claim to be images."""
+    root = tmp_path_factory.mktemp("score-inputs")
+    for i, src in enumerate(sorted(digits_dir.rglob("*.png"))[::4][:30]):
+        dest = root / src.parent.name / f"{i:02d}_{src.name}"
+        dest.parent.mkdir(exist_ok=True)
+        dest.write_bytes(src.read_bytes())
+    (root / "broken.jpg").write_text("not an image")
+    (root / "empty.png").write_bytes(b"")
+    return root
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    import torch
+
+    from cvlib.checkpoint import save_atomic
+    from cvlib.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("simple_cnn", 10, weights="none", hidden_dim=32, dropout=0.0)
+    meta = {"arch": "simple_cnn", "class_names": CLASSES, "head": {"hidden_dim": 32, "dropout": 0.0},
+            "preprocessing": {"image_size": 32, "resize_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3}}
+    return save_atomic({"model": model.state_dict(), "meta": meta}, tmp_path_factory.mktemp("model") / "digits.pt")
+
+
+@pytest.fixture
+def on_prefect(prefect_server, use_prefect):
+    use_prefect(prefect_server)
+
+
+def _rows(out: Path) -> pd.DataFrame:
+    from cvlib.predict import read_predictions
+
+    return read_predictions(out).drop(columns=["scored_at"]).reset_index(drop=True)
+
+
+def _same(a: pd.DataFrame, b: pd.DataFrame) -> None:
+    assert a["path"].tolist() == b["path"].tolist()
+    for col in ("status", "sha256", "width", "height", "top1_label", "model_version"):
+        assert [None if pd.isna(x) else x for x in a[col]] == [None if pd.isna(x) else x for x in b[col]], col
+    for pa_, pb in zip(a["top5_probs"], b["top5_probs"], strict=True):
+        assert (pa_ is None) == (pb is None)
+        if pa_ is not None:
+            assert np.allclose(pa_, pb, atol=1e-5)
+
+
+def _summary_markdown() -> str:
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["scoring-summary"])),
+                                      sort=ArtifactSort.CREATED_DESC, limit=1)
+    return found[0].data
+
+
+def test_dataset_output_one_row_per_file_and_rerun_resumes(on_prefect, inputs, checkpoint, tmp_path):
+    from flows.score import score
+    from tasks.score import ScoringEngine
+
+    out = tmp_path / "predictions"
+    cfg = ScoreConfig(num_workers=0, batch_size=8, precision="fp32")
+    first = score(input_dir=str(inputs), model_uri=str(checkpoint), out=str(out), config=cfg, engine=ScoringEngine(part_size=8))
+    rows = _rows(out)
+    assert (first.files, first.errors, first.skipped, first.layout) == (32, 2, 0, "dataset")
+    assert len(rows) == 32 and rows["path"].is_unique
+    assert rows.set_index("path").loc[["broken.jpg", "empty.png"], "status"].tolist() == ["not_an_image", "empty"]
+    assert first.model_version.startswith("digits.pt-")  # a checkpoint's version is its content
+    parts = sorted(out.glob("part-*.parquet"))
+    assert len(parts) == 4 and not list((out / ".visionflow").glob("job-*"))  # shard lists cleaned up
+    assert "| 32 | 30 | 2 | 0 |" in _summary_markdown()
+
+    parts[1].unlink()  # as if the run had died before writing its second part
+    again = score(input_dir=str(inputs), model_uri=str(checkpoint), out=str(out), config=cfg, engine=ScoringEngine(part_size=8))
+    assert (again.skipped, again.processed, again.files) == (24, 8, 32)
+    _same(_rows(out), rows)
+
+
+def test_two_dask_workers_give_the_rows_of_one_process(on_prefect, inputs, checkpoint, tmp_path):
+    """A 2-worker local Dask cluster (processes, one thread each, loopback only) given by its
+    address: two shards, each worker loads the model once, same rows as one process."""
+    from prefect_dask import DaskTaskRunner
+
+    from flows.score import local_cluster, score, task_runner
+
+    cfg = ScoreConfig(num_workers=0, batch_size=8, precision="fp32")
+    one = tmp_path / "one.parquet"
+    score(input_dir=str(inputs), model_uri=str(checkpoint), out=str(one), config=cfg)
+
+    runner = task_runner(workers=2)
+    assert isinstance(runner, DaskTaskRunner) and runner.cluster_kwargs == {"n_workers": 2}
+    with local_cluster(n_workers=2) as cluster:
+        addresses = [cluster.scheduler_address, *cluster.scheduler_info["workers"]]
+        assert len(addresses) == 3 and all(a.startswith("tcp://127.0.0.1:") for a in addresses), addresses
+        two = tmp_path / "two"
+        result = score(input_dir=str(inputs), model_uri=str(checkpoint), out=str(two), config=cfg,
+                       dask_address=cluster.scheduler_address)
+    assert result.shards == 2 and result.files == 32
+    markdown = _summary_markdown()
+    workers = markdown.split("Workers: ")[1].split(";")[0].split(", ")
+    assert all(w.startswith("tcp://127.0.0.1:") for w in workers), workers
+    _same(_rows(two), pd.read_parquet(one).drop(columns=["scored_at"]))
+
+
+def test_cli_scores_a_list_with_a_torchvision_model(on_prefect, inputs, tmp_path, monkeypatch, capsys):
+    from flows.cli import main
+
+    listed = sorted(p for p in inputs.rglob("*") if p.is_file())[:6]
+    paths = tmp_path / "paths.txt"
+    paths.write_text("\n".join(str(p) for p in listed) + f"\n{inputs / 'no_such.jpg'}\n")
+    out = tmp_path / "imagenet.parquet"
+    code = main(["score", str(paths), "--model", "torchvision/resnet18", "--weights", "none", "--out", str(out),
+                 "--loader-workers", "0", "--batch-size", "4"])
+    assert code == 0, capsys.readouterr().err
+    df = pd.read_parquet(out)
+    assert len(df) == 7 and (df["model_version"] == "random-seed0").all() and (df["model_uri"] == "torchvision/resnet18").all()
+    assert df.set_index("path").loc["no_such.jpg", "status"] == "missing"
+    from cvlib.parquet import read_metadata
+
+    assert len(json.loads(read_metadata(out)["visionflow.class_names"])) == 1000
+    assert not (tmp_path / ".imagenet.parquet.parts").exists()
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    code = main(["score", str(paths), "--model", "torchvision/resnet18", "--out", str(tmp_path / "x.parquet")])
+    err = capsys.readouterr().err
+    if code == 0:
+        pytest.skip("pretrained weights were available (network or cache)")
+    assert code == 2 and "--weights none" in err and "Traceback" not in err
