@@ -7,9 +7,9 @@ The pipeline, for one list of files (a *shard*):
   libjpeg's draft mode: the smallest power-of-two reduction still at least the resize size),
   resize, crop, normalise, and stack a batch in the worker. On CUDA, plain JPEGs travel
   undecoded and nvJPEG decodes the whole batch on the GPU (``gpu_decode``).
-* **compute** in the calling thread: batched, channels_last, autocast in bf16 on CPUs with
-  native bf16 and bf16/fp16 on CUDA (:func:`cvlib.precision.inference_dtype`), optionally
-  ``torch.compile``-d.
+* **compute** in the calling thread: batched, channels_last, BatchNorm folded into the
+  convolutions, autocast in bf16 on CPUs with native bf16 and bf16/fp16 on CUDA
+  (:func:`cvlib.precision.inference_dtype`), optionally ``torch.compile``-d.
 * **write** in a writer thread behind a bounded queue: rows become Parquet *part files*, each
   written under a temporary name and renamed into place when complete (:mod:`cvlib.atomic`),
   with the explicit :data:`PREDICTIONS_SCHEMA` and the class list and scoring configuration in
@@ -41,6 +41,7 @@ import shutil
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -62,7 +63,7 @@ from cvlib.parquet import write_table_atomic
 from cvlib.transforms import eval_preset_from
 
 __all__ = [
-    "PREDICTIONS_SCHEMA", "ModelRunner", "OutputLayout", "ScoringOptions", "ScoringStats", "ScoringDataset", "compact_parts",
+    "PREDICTIONS_SCHEMA", "ModelRunner", "fuse_for_inference", "OutputLayout", "ScoringOptions", "ScoringStats", "ScoringDataset", "compact_parts",
     "finalize_single_file", "list_input_files", "output_layout", "predict_sources", "prepare_model", "read_done",
     "read_predictions", "score_folder", "score_to_parts", "write_predictions",
 ]  # fmt: skip
@@ -95,6 +96,9 @@ PART_GLOB = "part-*.parquet"
 WORK_DIR = ".visionflow"
 _EXIF_ORIENTATION = 0x0112
 _NOT_DONE = object()
+GPU_DECODE_MIN_PIXELS = 512 * 512  # smaller JPEGs decode faster in draft mode on the CPU workers
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> compiled, once per process
+_FUSED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (weights fingerprint, fused copy)
 
 
 # --------------------------------------------------------------------------- options and layout
@@ -112,6 +116,7 @@ class ScoringOptions:
     compile: bool = False  # torch.compile the model (batches padded to batch_size: one graph)
     gpu_decode: str = "auto"  # JPEGs decoded on the device (nvJPEG on CUDA): auto (with CUDA), on, off
     loader: str = "auto"  # auto (processes unless this process is daemonic), processes, threads
+    fuse: bool = True  # fold BatchNorm into the preceding convolutions (same function, faster)
     part_size: int = 4096  # rows per part file
     part_seconds: float = 300.0  # ...or a part at least this often, so a kill loses little work
 
@@ -186,10 +191,6 @@ class _Item:
     error: str | None = None
     skip: bool = False
 
-    @property
-    def scorable(self) -> bool:
-        return self.tensor is not None or self.raw is not None
-
 
 @dataclass
 class _Batch:
@@ -228,16 +229,18 @@ def _stored_size(data: bytes, decoded: tuple[int, int]) -> tuple[int, int]:
     return decoded
 
 
-def _gpu_jpeg(data: bytes) -> tuple[int, int, int] | None:
+def _gpu_jpeg(data: bytes, min_pixels: int = 0) -> tuple[int, int, int] | None:
     """(upright width, upright height, orientation) when nvJPEG can decode this file as well as
-    Pillow would: a complete (EOI-terminated) RGB or greyscale JPEG within the pixel limit.
-    Anything else takes the CPU path, which also diagnoses damaged files."""
+    Pillow would: a complete (EOI-terminated) RGB or greyscale JPEG within the pixel limit, and
+    of at least ``min_pixels`` (below that, Pillow's draft decode in a worker is cheaper than a
+    trip through the GPU decoder). Anything else takes the CPU path, which also diagnoses
+    damaged files."""
     if not data.startswith(b"\xff\xd8\xff") or data.rstrip(b"\x00")[-2:] != b"\xff\xd9":
         return None
     try:
         with Image.open(io.BytesIO(data)) as im:
             w, h = im.size
-            if im.format not in JPEG_FORMATS or im.mode not in ("RGB", "L") or w * h > DEFAULT_MAX_PIXELS:
+            if im.format not in JPEG_FORMATS or im.mode not in ("RGB", "L") or not min_pixels <= w * h <= DEFAULT_MAX_PIXELS:
                 return None
             orientation = _jpeg_orientation(im)
     except Exception:  # noqa: BLE001 - the CPU path will say what is wrong
@@ -262,11 +265,12 @@ class ScoringDataset(Dataset):
         *,
         done: Mapping[str, str | None] | None = None,
         gpu_jpeg: bool = False,
+        gpu_min_pixels: int = 0,
     ) -> None:
         self.root, self.files, self.transform = Path(root), list(files), transform
         self.draft = (draft_size, draft_size)
         self.done = dict(done or {})
-        self.gpu_jpeg = gpu_jpeg
+        self.gpu_jpeg, self.gpu_min_pixels = gpu_jpeg, gpu_min_pixels
         self._root_is_dir = self.root.is_dir()
 
     def __len__(self) -> int:
@@ -288,7 +292,7 @@ class ScoringDataset(Dataset):
         if previous == digest:
             return _Item(i, sha256=digest, nbytes=len(data), skip=True)
         item = _Item(i, sha256=digest, nbytes=len(data))
-        if self.gpu_jpeg and (found := _gpu_jpeg(data)) is not None:
+        if self.gpu_jpeg and (found := _gpu_jpeg(data, self.gpu_min_pixels)) is not None:
             item.width, item.height, item.orientation = found
             item.raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
             return item
@@ -413,15 +417,50 @@ def prepare_model(model: nn.Module, device: torch.device | str = "cpu") -> nn.Mo
     return model.to(torch.device(device), memory_format=torch.channels_last).eval()
 
 
-class ModelRunner:
-    """The model as scoring runs it: channels_last, under autocast in ``amp_dtype``; with
-    ``compile``, ``torch.compile``-d and fed full batches only (one graph: the last, short batch
-    is padded instead of recompiling), falling back to eager mode if compilation fails.
-    Call it under ``torch.inference_mode()``."""
+def _fingerprint(model: nn.Module) -> tuple:
+    """Changes when a parameter or buffer is replaced or modified in place (an optimizer step)."""
+    return tuple((id(t), t._version) for t in (*model.parameters(), *model.buffers()))
 
-    def __init__(self, model: nn.Module, dev: torch.device, amp_dtype, *, compile: bool = False, batch_size: int = 64) -> None:
+
+def fuse_for_inference(model: nn.Module) -> nn.Module:
+    """A copy of an eval-mode model with every BatchNorm that follows a convolution folded into
+    it (``torch.fx``): the same function, one pass over the activations fewer (about 10% on a
+    CPU for ResNet-50). Models torch.fx cannot trace are returned unchanged. Cached per model
+    until its weights change."""
+    key = _fingerprint(model)
+    cached = _FUSED.get(model)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    fused = model
+    if not model.training and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        try:
+            from torch.fx.experimental.optimization import fuse
+
+            fused = fuse(model).to(memory_format=torch.channels_last)
+        except Exception as exc:  # noqa: BLE001 - tracing fails in many ways; fusing is optional
+            log.debug("conv-bn fusion skipped for %s: %s", type(model).__name__, exc)
+            fused = model
+    _FUSED[model] = (key, fused)
+    return fused
+
+
+class ModelRunner:
+    """The model as scoring runs it: channels_last, BatchNorm folded into the convolutions
+    (``fuse``), under autocast in ``amp_dtype``; with ``compile``, ``torch.compile``-d and fed
+    full batches only (one graph: the last, short batch is padded instead of recompiling),
+    falling back to eager mode if compilation fails. Call it under ``torch.inference_mode()``."""
+
+    def __init__(
+        self, model: nn.Module, dev: torch.device, amp_dtype, *, compile: bool = False, batch_size: int = 64, fuse: bool = True
+    ) -> None:
         self.eager = prepare_model(model, dev)
-        self.fn = torch.compile(self.eager, dynamic=False) if compile else self.eager
+        if fuse:
+            self.eager = fuse_for_inference(self.eager)
+        self.fn = self.eager
+        if compile:
+            if self.eager not in _COMPILED:
+                _COMPILED[self.eager] = torch.compile(self.eager, dynamic=False)
+            self.fn = _COMPILED[self.eager]
         self.pad_to = batch_size if compile else 0
         self.dev, self.amp_dtype = dev, amp_dtype
 
@@ -439,6 +478,7 @@ class ModelRunner:
                 if self.fn is self.eager:
                     raise
                 log.warning("torch.compile failed (%s: %s); scoring in eager mode", type(exc).__name__, exc)
+                _COMPILED.pop(self.eager, None)
                 self.fn, self.pad_to = self.eager, 0
                 out = self.fn(x)
         return out[:n]
@@ -511,9 +551,13 @@ def _scored_batches(
         raise ValueError(f"gpu_decode must be auto, on or off, not {options.gpu_decode!r}")
     # "on" off CUDA decodes with torchvision's libjpeg in this thread: slower than Pillow's draft
     # mode in the workers, but the same code path as nvJPEG, so it can be tested without a GPU.
+    # "auto" on CUDA sends photo-sized JPEGs (>= GPU_DECODE_MIN_PIXELS) to nvJPEG, small ones to the workers.
     gpu_jpeg = options.gpu_decode == "on" or (options.gpu_decode == "auto" and dev.type == "cuda")
-    ds = ScoringDataset(root, files, preset, draft_size=int(pre["resize_size"]), done=done, gpu_jpeg=gpu_jpeg)
-    forward = ModelRunner(model, dev, amp_dtype, compile=options.compile, batch_size=options.batch_size)
+    ds = ScoringDataset(
+        root, files, preset, draft_size=int(pre["resize_size"]), done=done, gpu_jpeg=gpu_jpeg,
+        gpu_min_pixels=GPU_DECODE_MIN_PIXELS if options.gpu_decode == "auto" else 0,
+    )  # fmt: skip
+    forward = ModelRunner(model, dev, amp_dtype, compile=options.compile, batch_size=options.batch_size, fuse=options.fuse)
     with torch.inference_mode():
         for batch in _batches(ds, options, pin_memory=dev.type == "cuda"):
             x, order = None, batch.cpu_pos

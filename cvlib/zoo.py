@@ -58,7 +58,7 @@ def _named(enum, arch: str, weights: str):
     try:
         return enum[weights]
     except KeyError as exc:
-        names = ", ".join(["DEFAULT", *enum.__members__])
+        names = ", ".join(["DEFAULT", *(n for n in enum.__members__ if n != "DEFAULT")])
         raise ValueError(f"unknown weights {weights!r} for {arch}; choose one of {names}, 'none' or a file path") from exc
 
 
@@ -66,6 +66,7 @@ def zoo_version(arch: str, weights: str | None) -> str:
     """The version string predictions carry: the weights' name, ``random-seed0`` for random
     weights, or ``file-<sha256 prefix>`` for a local file (content, not name, so a replaced file
     is a new version)."""
+    enum = _weights_enum(arch)  # an unknown architecture fails here, before any work starts
     w = "none" if weights is None else str(weights)
     if w.lower() in ("none", ""):
         return f"random-seed{RANDOM_SEED}"
@@ -78,7 +79,7 @@ def zoo_version(arch: str, weights: str | None) -> str:
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)
         return f"file-{h.hexdigest()[:12]}"
-    return _named(_weights_enum(arch), arch, w).name
+    return _named(enum, arch, w).name
 
 
 def imagenet_model(arch: str, weights: str | None = "DEFAULT") -> tuple[nn.Module, dict[str, Any]]:

@@ -176,9 +176,11 @@ def _score_model(uri: str, weights: str | None) -> tuple[str, str]:
             raise CliError("--weights applies to torchvision/ARCH models only; a registered model or checkpoint has its own")
         return _model_ref(uri), "DEFAULT"
     from cvlib.models import WeightsUnavailableError, check_weights
+    from cvlib.zoo import zoo_version
 
     weights = weights or "DEFAULT"
     try:
+        zoo_version(zoo_arch(uri), weights)  # the architecture and the weights name exist
         how = check_weights(zoo_arch(uri), weights)
     except WeightsUnavailableError as exc:
         raise CliError(str(exc)) from exc

@@ -14,6 +14,14 @@ subflow on a task runner chosen from its parameters, then writes or compacts the
 Each worker process loads the model once (:func:`tasks.score.load_model`) and resumes from the
 part files already written, so a rerun after a crash, or a Prefect retry, scores only what is
 missing.
+
+Output (``out``): a name ending in ``.parquet`` is one file, written atomically when the job is
+done (its parts are staged in a hidden ``.NAME.parquet.parts`` folder beside it, so it resumes
+too; it holds exactly this job's rows, sorted by path). Anything else is a Parquet dataset
+folder of ``part-SHARD-TOKEN-SEQ.parquet`` files that accumulates rows across runs and model
+versions (``pandas.read_parquet(out)`` reads it whole). Rows are keyed by (path, sha256, model
+version): a rerun skips files already scored; a file whose content changed is scored again and
+its old row dropped. Use one output per input root, and one run at a time per output.
 """
 
 from __future__ import annotations
@@ -103,7 +111,7 @@ def score_shards(plan: ScoringPlan, config: ScoreConfig, engine: ScoringEngine) 
     last = 0
     try:
         while True:
-            done, not_done = wait(futures, timeout=1.0)
+            _, not_done = wait(futures, timeout=1.0)
             seen = min(read_progress(plan), plan.files)
             if seen != last:
                 bar.update(seen - last)

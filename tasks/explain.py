@@ -28,7 +28,7 @@ REPORT_ARTIFACT_DIR = "report"
 SCREEN_LIMIT = 5000
 
 
-@task(name="explain-folder")
+@task(name="explain-folder", timeout_seconds=6 * 3600)
 def explain_folder(input_dir: str, model_uri: str, out: str, config: ReportConfig, num_workers: int = 0) -> str:
     """Report on a folder. Labels are read from class sub-folders when their names are classes;
     labelled images are screened first so the report shows the misclassified ones and the
@@ -76,7 +76,7 @@ def explain_folder(input_dir: str, model_uri: str, out: str, config: ReportConfi
     )
 
 
-@task(name="validation-report")
+@task(name="validation-report", retries=1, retry_delay_seconds=10, timeout_seconds=6 * 3600, persist_result=True)
 def validation_report(
     ingest: IngestResult,
     checkpoint: str,

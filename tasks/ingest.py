@@ -22,7 +22,7 @@ from tasks.log import run_logger
 from tasks.records import IngestResult
 
 
-@task(name="ingest", retries=1, retry_delay_seconds=5)
+@task(name="ingest", retries=2, retry_delay_seconds=[5, 30], timeout_seconds=6 * 3600, persist_result=True)
 def ingest(data_dir: str, manifest_path: str, config: DataConfig) -> IngestResult:
     logger = run_logger()
     # The last manifest of this folder: unchanged files (same size and mtime) are not read again.

@@ -50,7 +50,7 @@ def ensure_experiment(name: str) -> str:
         return exp.experiment_id
 
 
-@task(name="start-mlflow-run", retries=3, retry_delay_seconds=[1, 5, 15])
+@task(name="start-mlflow-run", retries=3, retry_delay_seconds=[1, 5, 15], timeout_seconds=300, persist_result=True)
 def start_run(config: RetrainConfig, ingest: IngestResult, flow_run_id: str | None = None) -> str:
     """Create the MLflow run, with the configuration as params and the data set as tags."""
     c = client()
@@ -143,7 +143,7 @@ def _find_version_for_run(name: str, run_id: str):
     return None
 
 
-@task(name="register-model", retries=3, retry_delay_seconds=[2, 10, 30])
+@task(name="register-model", retries=3, retry_delay_seconds=[2, 10, 30], timeout_seconds=1800, persist_result=True)
 def register_model(
     run_id: str, checkpoint: str, model_name: str, validation: Validation, example_image: str | None = None
 ) -> RegisteredVersion:
@@ -247,7 +247,7 @@ def _score_champion(champion, ingest: IngestResult, metric: str, batch_size: int
     return float(scores[metric]), None
 
 
-@task(name="champion-gate", retries=3, retry_delay_seconds=[1, 5, 15])
+@task(name="champion-gate", retries=3, retry_delay_seconds=[1, 5, 15], timeout_seconds=3600, persist_result=True)
 def champion_gate(
     registered: RegisteredVersion, ingest: IngestResult, validation: Validation, gate: GateConfig,
     batch_size: int = 64, num_workers: int = 2,

@@ -16,9 +16,11 @@ A worker needs the output folder and the input files on a filesystem it shares w
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from pathlib import Path
 from typing import Literal
 
@@ -86,8 +88,9 @@ class BatchScoreResult(ScoreResult):
 
 # --------------------------------------------------------------------------- models, once per process
 
-_MODELS: dict[tuple[str, str], tuple[object, dict]] = {}
+_MODELS: OrderedDict[tuple[str, str], tuple[object, dict]] = OrderedDict()
 _MODELS_LOCK = threading.Lock()
+MODELS_KEPT = 2  # a long-lived worker serving many versions keeps only the latest few
 
 
 def resolve_model_ref(model_uri: str, weights: str | None = "DEFAULT") -> tuple[str, str]:
@@ -127,7 +130,9 @@ def load_model(model_local: str, model_version: str, *, model_uri: str = "", wei
     """(model, meta), loaded once per process and kept, keyed by (local path, version)."""
     key = (model_local, model_version)
     with _MODELS_LOCK:
-        if key not in _MODELS:
+        if key in _MODELS:
+            _MODELS.move_to_end(key)
+        else:
             from cvlib.checkpoint import load_package
             from cvlib.zoo import imagenet_model, is_zoo_uri, zoo_arch
 
@@ -139,6 +144,8 @@ def load_model(model_local: str, model_version: str, *, model_uri: str = "", wei
                     local, _ = resolve_model(_pinned(model_uri, model_version))  # a worker without the driver's cache
                 model, meta = load_package(local)
             _MODELS[key] = (model, meta)
+            while len(_MODELS) > MODELS_KEPT:
+                _MODELS.popitem(last=False)
         return _MODELS[key]
 
 
@@ -170,6 +177,8 @@ def plan_scoring(
     layout.parts_dir.mkdir(parents=True, exist_ok=True)
     if removed := clean_stale_temps(layout.parts_dir):
         logger.info("removed %d temporary part files left by an interrupted run", removed)
+    for old in layout.work_dir.glob("job-*"):  # shard lists and progress of an interrupted run
+        shutil.rmtree(old, ignore_errors=True)
     job = layout.work_dir / f"job-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
     lists = [_write_shard_list(job / f"shard-{i:05d}.json", chunk) for i, chunk in enumerate(shard_files(inputs.paths, shards))]
     logger.info(
@@ -273,8 +282,6 @@ def _job_metadata(layout, plan: ScoringPlan, config: ScoreConfig) -> tuple[list[
 def finish_scoring(plan: ScoringPlan, results: list[ShardResult], config: ScoreConfig, seconds: float) -> BatchScoreResult:
     """Write the single file (or compact the dataset), check every input has exactly one row,
     count the rows and publish the summary."""
-    import shutil
-
     from cvlib.predict import OutputLayout, compact_parts, finalize_single_file, read_predictions
 
     logger = run_logger()

@@ -6,6 +6,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from prefect import task
+from prefect.artifacts import create_table_artifact
 
 from cvlib.config import RetrainConfig
 from cvlib.ingest import read_manifest
@@ -14,7 +15,8 @@ from tasks.records import IngestResult, TrainResult, Validation
 from tasks.registry import log_artifact, log_artifacts, log_metrics, set_run_tag, system_metrics
 
 
-@task(name="fine-tune")
+# Tagged "gpu": `prefect concurrency-limit create gpu 1` keeps one training per machine or pool.
+@task(name="fine-tune", tags=["gpu"], timeout_seconds=48 * 3600, persist_result=True)
 def fine_tune(ingest: IngestResult, config: RetrainConfig, checkpoint_dir: str, run_id: str) -> TrainResult:
     """Train with per-epoch metrics in MLflow. Resumes from ``checkpoint_dir/last.pt`` when a
     previous attempt died, since Prefect does not retry crashed runs by itself."""
@@ -74,7 +76,7 @@ def _log_augmentation_preview(ingest: IngestResult, config: RetrainConfig, out_d
     log_artifact(run_id, path, "evaluation")
 
 
-@task(name="validate")
+@task(name="validate", retries=1, retry_delay_seconds=10, timeout_seconds=6 * 3600, persist_result=True)
 def validate(ingest: IngestResult, checkpoint: str, run_id: str, history: list[dict], out_dir: str, batch_size: int = 64, num_workers: int = 2) -> Validation:
     """Evaluate the best checkpoint on the validation split (and the test split when there is
     one): the numbers the gate compares, with the figures a reviewer looks at."""
@@ -109,6 +111,11 @@ def validate(ingest: IngestResult, checkpoint: str, run_id: str, history: list[d
             n = ev.n
     (out / "training_curves.png").write_bytes(training_curves_png(history))
     log_metrics(run_id, {f"best_{k}": v for k, v in metrics.items()})
+    create_table_artifact(
+        key="validation-metrics",
+        table=[{"metric": k, "value": round(v, 4)} for k, v in sorted(metrics.items())],
+        description=f"Validation of {Path(checkpoint).name} (MLflow run {run_id})",
+    )
     log_artifacts(run_id, out, "evaluation")
     run_logger().info("validation of %s: %s", Path(checkpoint).name, {k: round(v, 4) for k, v in metrics.items()})
     return Validation(metrics=metrics, n=n, figures_dir=str(out))

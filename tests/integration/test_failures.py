@@ -82,3 +82,32 @@ def test_run_killed_during_training_resumes_from_checkpoint(digits_dir, on_serve
     assert final["epoch"] == 2
     assert final["history"][0] == first_epoch, "epoch 1 was not trained again"
     assert result["version"] == "1"
+
+
+def test_flow_retry_resumes_from_the_failed_task(digits_dir, on_servers, monkeypatch, tmp_path):
+    """Task results are persisted: when the flow run is retried after its last task failed,
+    the completed tasks (training above all) are not run again."""
+    import cvlib.report
+    import cvlib.train
+    from flows.retrain import retrain
+
+    real_fit, real_explain = cvlib.train.fit, cvlib.report.explain_files
+    calls = {"fit": 0, "explain": 0}
+
+    def counting_fit(**kwargs):
+        calls["fit"] += 1
+        return real_fit(**kwargs)
+
+    def failing_explain(*args, **kwargs):
+        calls["explain"] += 1
+        if calls["explain"] <= 2:  # the task and its one task-level retry both fail
+            raise OSError("report disk full")
+        return real_explain(*args, **kwargs)
+
+    monkeypatch.setattr(cvlib.train, "fit", counting_fit)
+    monkeypatch.setattr(cvlib.report, "explain_files", failing_explain)
+    name = f"retried-{uuid.uuid4().hex[:6]}"
+    flow = retrain.with_options(retries=1, retry_delay_seconds=0)
+    result = flow(data_dir=str(digits_dir), config=small_config(name, arch="resnet18"), output_dir=str(tmp_path / "run"))
+    assert calls == {"fit": 1, "explain": 3}
+    assert result["version"] == "1" and Path(result["report"]).is_file()

@@ -100,20 +100,44 @@ def test_concurrent_registrations_leave_one_champion(retrained, mlflow_server, p
     assert str(champion.version) in {v.version for v in promoted}
 
 
-def test_metric_histories_over_rest(retrained, mlflow_server):
-    """What the UI's compare view plots: per-epoch histories, read through the server's REST API."""
-    run_id = retrained["result"]["run_id"]
-    for key in ("train_loss", "val_loss", "val_top1"):
-        url = f"{mlflow_server}/api/2.0/mlflow/metrics/get-history?run_id={run_id}&metric_key={key}"
-        with urllib.request.urlopen(url, timeout=10) as resp:
-            history = json.loads(resp.read())["metrics"]
-        assert [m["step"] for m in history] == [1], key
-    with urllib.request.urlopen(f"{mlflow_server}/api/2.0/mlflow/runs/get?run_id={run_id}", timeout=10) as resp:
-        run = json.loads(resp.read())["run"]
-    params = {p["key"]: p["value"] for p in run["data"]["params"]}
-    assert params["train.lr"] == "0.001"
-    tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
-    assert "visionflow.dataset_hash" in tags and "prefect.flow_run_id" in tags
+def _rest(url: str, body: dict | None = None) -> dict:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"}, method="POST" if data else "GET")
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return json.loads(resp.read())
+
+
+def test_two_learning_rates_compare_over_rest(digits_dir, on_servers, mlflow_server, tmp_path):
+    """What the UI's compare view plots for two runs that differ in learning rate: both runs in
+    one experiment, their lr params and per-epoch histories, read through the server's REST API."""
+    import uuid
+
+    from cvlib.config import AugmentConfig, RetrainConfig, TrainConfig
+    from flows.retrain import retrain
+
+    experiment = f"compare-{uuid.uuid4().hex[:6]}"
+    for lr in (1e-3, 3e-3):
+        config = RetrainConfig(
+            model_name=experiment, experiment=experiment,
+            augment=AugmentConfig(image_size=32, resize_ratio=1.0, hflip=0.0),
+            train=TrainConfig(arch="simple_cnn", weights="none", epochs=2, batch_size=16, lr=lr, num_workers=0, progress=False),
+        )
+        config.report.samples = 4
+        retrain(data_dir=str(digits_dir), config=config, output_dir=str(tmp_path / f"lr{lr:g}"))
+
+    exp = _rest(f"{mlflow_server}/api/2.0/mlflow/experiments/get-by-name?experiment_name={experiment}")["experiment"]
+    runs = _rest(f"{mlflow_server}/api/2.0/mlflow/runs/search", {"experiment_ids": [exp["experiment_id"]]})["runs"]
+    assert len(runs) == 2
+    lrs = sorted(float({p["key"]: p["value"] for p in r["data"]["params"]}["train.lr"]) for r in runs)
+    assert lrs == [1e-3, 3e-3]
+    assert len({r["info"]["run_name"] for r in runs}) == 2, "run names say which run is which"
+    for run in runs:
+        run_id = run["info"]["run_id"]
+        for key in ("train_loss", "val_loss", "val_top1", "lr"):
+            history = _rest(f"{mlflow_server}/api/2.0/mlflow/metrics/get-history?run_id={run_id}&metric_key={key}")["metrics"]
+            assert [m["step"] for m in history] == [1, 2], key
+        tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
+        assert "visionflow.dataset_hash" in tags and "prefect.flow_run_id" in tags
 
 
 def test_evaluation_artifacts_logged(retrained, on_servers):

@@ -100,6 +100,7 @@ def test_dataset_output_one_row_per_file_and_rerun_resumes(on_prefect, inputs, c
 def test_two_dask_workers_give_the_rows_of_one_process(on_prefect, inputs, checkpoint, tmp_path):
     """A 2-worker local Dask cluster (processes, one thread each, loopback only) given by its
     address: two shards, each worker loads the model once, same rows as one process."""
+    pytest.importorskip("prefect_dask", reason="prefect-dask is not installed")
     from prefect_dask import DaskTaskRunner
 
     from flows.score import local_cluster, score, task_runner

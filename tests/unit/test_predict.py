@@ -7,8 +7,16 @@ their structure is exactly what scoring a trained model produces.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -20,10 +28,22 @@ from PIL import Image
 from cvlib.models import create_model
 from cvlib.parquet import read_metadata
 from cvlib.predict import (
+    META_CLASS_NAMES,
+    META_SCORING,
     PREDICTIONS_SCHEMA,
+    ModelRunner,
+    ScoringOptions,
+    compact_parts,
+    finalize_single_file,
     list_input_files,
+    orient_tensor,
+    output_layout,
     predict_sources,
+    read_done,
+    read_predictions,
     score_folder,
+    score_to_parts,
+    shard_files,
     write_predictions,
 )
 
@@ -191,28 +211,6 @@ def test_unsupported_image_formats_still_get_a_row(model, tmp_path):
 
 # --------------------------------------------------------------------------- streaming to Parquet parts
 
-import os  # noqa: E402
-import signal  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-from cvlib.predict import (  # noqa: E402
-    META_CLASS_NAMES,
-    META_SCORING,
-    ModelRunner,
-    ScoringOptions,
-    compact_parts,
-    finalize_single_file,
-    orient_tensor,
-    output_layout,
-    read_done,
-    read_predictions,
-    score_to_parts,
-    shard_files,
-)
-
 REPO = Path(__file__).resolve().parents[2]
 FAST = ScoringOptions(batch_size=3, num_workers=0, device="cpu", precision="fp32", part_size=4)
 
@@ -277,8 +275,6 @@ def test_parts_have_schema_metadata_and_one_row_per_file(model, folder, scored, 
 
 def test_rerun_skips_done_files_and_rescoring_changed_content_supersedes(model, folder, tmp_path):
     src = tmp_path / "in"
-    import shutil
-
     shutil.copytree(folder, src)
     out = tmp_path / "ds"
     files = list_input_files(src) + ["gone/missing.jpg"]
@@ -301,11 +297,9 @@ def test_rerun_skips_done_files_and_rescoring_changed_content_supersedes(model, 
     assert compact_parts(out, "7") == 1
     rows = read_predictions(out, "7")
     assert not rows["path"].duplicated().any() and len(rows) == 8
-    import hashlib
-
     assert rows.set_index("path").loc["a_red.png", "sha256"] == hashlib.sha256((src / "a_red.png").read_bytes()).hexdigest()
     assert len(read_predictions(out, "8")) == 2  # other versions' rows are untouched
-    assert read_done(sorted(out.glob("part-*.parquet")), "8") .keys() == set(files[:2])
+    assert read_done(sorted(out.glob("part-*.parquet")), "8").keys() == set(files[:2])
 
 
 def test_single_file_is_staged_then_written_sorted_and_resumable(model, folder, scored, tmp_path):
@@ -493,10 +487,14 @@ def test_nvjpeg_decoding_agrees_with_pillow_on_cuda(tmp_path):
 
 
 def test_bf16_top1_agrees_with_fp32_on_a_trained_model(tmp_path):
-    """A SimpleCNN trained for a few steps on real digits (so its margins are not all tiny),
-    scored in fp32 and under bf16 autocast: top-1 must agree on at least 99% of the images.
-    What this shows: bf16 inference keeps the ranking of a small trained CNN on this data; it
-    says nothing about other models or data sets."""
+    """A SimpleCNN trained for 20 steps on real digits, scored in fp32 and under bf16 autocast:
+    top-1 agrees on at least 99% of the 300 images.
+
+    The model is deliberately half-trained (top-1 about 0.65 on these images): its fp32 margins
+    are spread out, about a fifth of them under 0.05, so near-ties are in the sample and the
+    test is not passed by confident predictions alone (after 60 steps every margin is large and
+    agreement is trivially 100%). What it shows: bf16 moves the probabilities by well under 0.02
+    here, so only a near-tie can flip; it says nothing about other models or data sets."""
     from cvlib.demo_data import write_digits
     from cvlib.imageio import load_rgb
     from cvlib.transforms import eval_preset_from
@@ -516,7 +514,7 @@ def test_bf16_top1_agrees_with_fp32_on_a_trained_model(tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a second OpenMP thread stalls on a shared 2-core machine (1 s -> 40 s)
     try:
-        for _ in range(60):
+        for _ in range(20):
             idx = torch.randint(0, len(files), (64,))
             loss = torch.nn.functional.cross_entropy(m(x[idx]), y[idx])
             opt.zero_grad()
@@ -528,10 +526,12 @@ def test_bf16_top1_agrees_with_fp32_on_a_trained_model(tmp_path):
     finally:
         torch.set_num_threads(threads)
     accuracy = (fp32["top1_label"] == pd.Series([f.split("/")[0] for f in files])).mean()
-    assert accuracy > 0.8, f"the model should be trained-ish, top-1 {accuracy:.2f}"
+    assert accuracy > 0.5, f"the model should be trained-ish, top-1 {accuracy:.2f}"
+    margins = np.array([p[0] - p[1] for p in fp32["top5_probs"]])
+    assert (margins < 0.05).mean() > 0.05, "the sample should hold near-ties, or agreement proves little"
     agreement = (fp32["top1_index"] == bf16["top1_index"]).mean()
     assert agreement >= 0.99, f"bf16 vs fp32 top-1 agreement {agreement:.3f}"
-    assert np.median([p[0] for p in fp32["top5_probs"]]) > 0.5  # confident, not a coin toss
+    assert np.abs(fp32["top1_prob"] - bf16["top1_prob"]).max() < 0.02
 
 
 def test_compiled_runner_pads_short_batches_and_falls_back_to_eager(monkeypatch):
