@@ -115,6 +115,17 @@ def _link_copy(src: Path, dst: Path) -> Path:
     return dst
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Bit-exact comparisons between runs need the same thread count on both sides (float sums
+    in another order differ in the last bits, and AdamW amplifies that): the subprocess in the
+    kill test pins one thread, so this module does too."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def straight(dataset, tmp_path_factory) -> Run:
     """Two epochs without interruption; the epoch-1 weights are kept for the repeatability test."""
@@ -325,6 +336,8 @@ def test_param_groups_exempt_one_dimensional_params_from_decay():
 _KILLED_AFTER_EPOCH_1 = """
 import sys, time
 from pathlib import Path
+import torch
+torch.set_num_threads(1)  # as in the parent (see _one_thread): reductions must add in the same order
 from cvlib.config import RetrainConfig
 from cvlib.ingest import class_names, read_manifest
 from cvlib.train import fit
