@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=600, help="JPEGs the pipeline scores (a third per round)")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (ratios paired within a round, median round)")
-    ap.add_argument("--max-window", type=float, default=10.0, help="at most this many seconds for the loop and the bound per round")
+    ap.add_argument("--max-window", type=float, default=20.0, help="at most this many seconds for the loop and the bound per round")
     ap.add_argument("--batch-size", type=int, default=32, help="pipeline batch size")
     ap.add_argument("--workers", type=int, default=2, help="pipeline decoding workers")
     ap.add_argument("--loader", default="auto", choices=["auto", "processes", "threads"])
