@@ -171,3 +171,13 @@ def _flatten_into(out: dict[str, Any], key: str, value: Any) -> None:
             _flatten_into(out, f"{key}.{k}", v)
     else:
         out[key] = value
+
+
+def merge_into(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """Deep-merge a partial configuration (e.g. a ``--config`` JSON file) into a full one."""
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            merge_into(base[key], value)
+        else:
+            base[key] = value
+    return base

@@ -28,8 +28,7 @@ import json
 import math
 import os
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,7 +42,7 @@ from torch.utils.data import DataLoader, Dataset
 from cvlib.atomic import write_bytes_atomic
 from cvlib.gradcam import deletion_score, explain_batch, heatmap_rgb, overlay
 from cvlib.imageio import ImageReadError, load_rgb
-from cvlib.models import pick_device
+from cvlib.models import eval_mode, pick_device
 from cvlib.transforms import denormalize, eval_preset_from
 
 __all__ = [
@@ -193,15 +192,6 @@ def _nan(v: object) -> bool:
     return isinstance(v, float) and math.isnan(v)
 
 
-@contextmanager
-def _eval(model: nn.Module) -> Iterator[None]:
-    saved = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, flag in saved:
-            m.training = flag
 
 
 def _source(root: Path, rel: str) -> Path:
@@ -258,7 +248,7 @@ def screen_files(
     kept: list[int] = []
     probs: list[np.ndarray] = []
     errors: list[dict] = []
-    with _eval(model), torch.inference_mode():
+    with eval_mode(model), torch.inference_mode():
         for batch in loader:
             good = [(i, t) for i, t, _ in batch if t is not None]
             errors += [{"path": ds.files[i], "error": err} for i, t, err in batch if t is None]

@@ -49,25 +49,17 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def build_config(args: argparse.Namespace):
-    from cvlib.config import RetrainConfig
+    from cvlib.config import RetrainConfig, merge_into
 
     data = RetrainConfig().model_dump()
     if args.config:
-        _deep_update(data, json.loads(Path(args.config).read_text()))
+        merge_into(data, json.loads(Path(args.config).read_text()))
     train = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "arch": args.arch,
              "weights": args.weights, "num_workers": args.workers, "precision": args.precision, "seed": args.seed}
     data["train"].update({k: v for k, v in train.items() if v is not None})
     if args.image_size is not None:
         data["augment"]["image_size"] = args.image_size
     return RetrainConfig.model_validate(data)
-
-
-def _deep_update(base: dict, update: dict) -> None:
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            _deep_update(base[key], value)
-        else:
-            base[key] = value
 
 
 def main(argv: list[str] | None = None) -> int:

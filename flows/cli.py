@@ -22,13 +22,13 @@ class CliError(Exception):
 def build_retrain_config(args: argparse.Namespace):
     """Defaults of :class:`cvlib.config.RetrainConfig`, then ``--config FILE`` (JSON, any subset
     of the fields), then the individual options; validated as a whole."""
-    from cvlib.config import RetrainConfig
+    from cvlib.config import RetrainConfig, merge_into
     from cvlib.models import CUSTOM_ARCHS
 
     data = RetrainConfig().model_dump()
     if args.config:
         try:
-            _deep_update(data, json.loads(Path(_existing(args.config, "config file")).read_text()))
+            merge_into(data, json.loads(Path(_existing(args.config, "config file")).read_text()))
         except json.JSONDecodeError as exc:
             raise CliError(f"config file {args.config} is not valid JSON: {exc}") from exc
     train = {"epochs": args.epochs, "batch_size": args.batch_size, "arch": args.arch, "weights": args.weights,
@@ -45,14 +45,6 @@ def build_retrain_config(args: argparse.Namespace):
     if args.model_name:
         data["model_name"] = args.model_name
     return RetrainConfig.model_validate(data)
-
-
-def _deep_update(base: dict, update: dict) -> None:
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            _deep_update(base[key], value)
-        else:
-            base[key] = value
 
 
 def _print_paths(title: str, paths: dict[str, object]) -> None:
