@@ -18,6 +18,7 @@ from torch import nn
 
 from cvlib.checkpoint import build_from_meta
 from cvlib.models import _head_attr, create_model
+from tests.threads import one_torch_thread
 
 CLASSES = ["cat", "dog", "fox"]
 HEAD = {"hidden_dim": 16, "dropout": 0.1}
@@ -40,15 +41,7 @@ ARCHS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Batches of two are far too small to share between threads: on a busy 2-core machine
-    torch's second OpenMP thread mostly waits at barriers (measured: a ResNet-101 step 5-15x
-    slower with 2 threads than with 1)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+one_thread = pytest.fixture(scope="module", autouse=True)(one_torch_thread)
 
 
 def _train_one_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:

@@ -23,21 +23,14 @@ from cvlib.gradcam import (
     heatmap_rgb,
     overlay,
 )
+from tests.threads import one_torch_thread
 
 ROOT = Path(__file__).resolve().parents[2]
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread for this module's tests: they check correctness, not speed, and on a
-    2-core machine shared with other jobs two spinning OpenMP threads can run 10-30x slower
-    than one. Restored afterwards so other modules keep their setting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+_one_thread = pytest.fixture(scope="module", autouse=True)(one_torch_thread)
 
 
 def _resnet18(seed: int = 0) -> nn.Module:

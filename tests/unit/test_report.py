@@ -32,6 +32,7 @@ from cvlib.report import (
     top_confusions,
     write_report,
 )
+from tests.threads import one_torch_thread
 
 EVIL_CLASS = "<script>alert(1)</script>"
 EVIL_FILE = "<b>x</b>.png"  # a folder "<b>x<" holding "b>.png": a real file with this relative path
@@ -40,12 +41,7 @@ PRE = {"image_size": 32, "resize_size": 32, "mean": [0.485, 0.456, 0.406], "std"
 META = {"arch": "simple_cnn", "class_names": CLASSES, "preprocessing": PRE}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+_one_thread = pytest.fixture(scope="module", autouse=True)(one_torch_thread)
 
 
 @pytest.fixture(scope="module")

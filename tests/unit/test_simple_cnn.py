@@ -15,16 +15,9 @@ from cvlib.models import (
     create_model,
 )
 from cvlib.simple_cnn import SimpleCNN
+from tests.threads import one_torch_thread
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny batches: on a busy 2-core machine torch's second OpenMP thread mostly waits at
-    barriers (see test_architectures.py); one thread is several times faster here."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+one_thread = pytest.fixture(scope="module", autouse=True)(one_torch_thread)
 
 
 @pytest.mark.parametrize(("channels", "size"), [(1, 8), (1, 28), (3, 32), (3, 64), (3, 37)])

@@ -30,6 +30,7 @@ from cvlib.train import (
     fit,
     param_groups,
 )
+from tests.threads import one_torch_thread
 
 CLASSES = ("red_stripes", "green_checks", "blue_dots")
 PER_CLASS = 8
@@ -53,7 +54,11 @@ def _image(cls: int, i: int, rng: np.random.Generator) -> Image.Image:
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> tuple[Path, pd.DataFrame, list[str]]:
-    root = tmp_path_factory.mktemp("images")
+    return build_dataset(tmp_path_factory.mktemp("images"))
+
+
+def build_dataset(root: Path) -> tuple[Path, pd.DataFrame, list[str]]:
+    """The tiny image folder both training test modules use, and its manifest."""
     rng = np.random.default_rng(0)
     for c, name in enumerate(CLASSES):
         (root / name).mkdir()
@@ -115,15 +120,7 @@ def _link_copy(src: Path, dst: Path) -> Path:
     return dst
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Bit-exact comparisons between runs need the same thread count on both sides (float sums
-    in another order differ in the last bits, and AdamW amplifies that): the subprocess in the
-    kill test pins one thread, so this module does too."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+_one_thread = pytest.fixture(scope="module", autouse=True)(one_torch_thread)
 
 
 @pytest.fixture(scope="module")

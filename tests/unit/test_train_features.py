@@ -33,7 +33,6 @@ from cvlib.data import (
     make_loader,
     sample_seed,
 )
-from cvlib.ingest import build_manifest, class_names
 from cvlib.models import create_model, head_parameters
 from cvlib.train import (
     BEST,
@@ -46,19 +45,12 @@ from cvlib.train import (
     train_draft_size,
 )
 from cvlib.transforms import TrainPreset, train_preset
-from tests.unit.test_train import CLASSES, PER_CLASS, _image
+from tests.unit.test_train import _image, build_dataset
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> tuple[Path, pd.DataFrame, list[str]]:
-    root = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    for c, name in enumerate(CLASSES):
-        (root / name).mkdir()
-        for i in range(PER_CLASS):
-            _image(c, i, rng).save(root / name / f"img_{i:02d}.png")
-    manifest, _ = build_manifest(root, DataConfig(val_fraction=0.25), workers=2, near_duplicates=False)
-    return root, manifest, class_names(manifest)
+    return build_dataset(tmp_path_factory.mktemp("images"))
 
 
 def config(epochs: int = 2, augment: dict | None = None, **train) -> RetrainConfig:
