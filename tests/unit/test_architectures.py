@@ -11,12 +11,14 @@ its native 224 px one training step alone takes ~15 s here.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torchvision
 from torch import nn
 
 from cvlib.checkpoint import build_from_meta
+from cvlib.gradcam import grad_cam
 from cvlib.models import _head_attr, create_model
 from tests.threads import one_torch_thread
 
@@ -85,6 +87,11 @@ def test_builds_trains_scores_and_rebuilds_from_meta(arch):
         probs = torch.softmax(model(x), dim=1)
     assert probs.shape == (2, len(CLASSES))
     assert torch.allclose(probs.sum(1), torch.ones(2), atol=1e-5)
+
+    # Grad-CAM finds a layer by itself (ViT: tokens reshaped to the patch grid) and explains.
+    maps = grad_cam(model, x)
+    assert maps.shape == (2, size, size) and maps.dtype == np.float32
+    assert np.isfinite(maps).all() and maps.min() >= 0.0 and maps.max() <= 1.0
 
     # Rebuilt on the meta device: the skeleton's keys and shapes without paying for a second
     # random init (VGG-16 and ConvNeXt take ~4 s each to initialise here); ``assign=True`` then

@@ -22,6 +22,7 @@ from cvlib.gradcam import (
     grad_cam,
     heatmap_rgb,
     overlay,
+    tokens_to_grid,
 )
 from tests.threads import one_torch_thread
 
@@ -430,3 +431,143 @@ def test_agrees_with_pytorch_grad_cam_on_real_photos(method, resnet50_and_photos
     for i in range(len(x)):
         r = np.corrcoef(res.maps[i].ravel(), theirs[i].ravel())[0, 1]
         assert r >= 0.99, f"image {i}: Pearson r {r:.4f}"
+
+
+# --------------------------------------------------------------------------------------------
+# reduced-precision trunk
+# --------------------------------------------------------------------------------------------
+
+
+def test_bf16_trunk_keeps_fp32_maps_close_to_fp32_and_restores_autocast():
+    model, x = _resnet18(), _images(n=3)
+    exact = explain_batch(model, x, precision="fp32")
+    with torch.autocast("cpu", dtype=torch.float16, enabled=False):
+        fast = explain_batch(model, x, precision="bf16")
+        assert not torch.is_autocast_enabled("cpu"), "the caller's autocast state leaked"
+    assert fast.maps.dtype == np.float32 and fast.probs.dtype == np.float32
+    np.testing.assert_array_equal(fast.targets, exact.targets)
+    for i in range(len(x)):
+        r = np.corrcoef(fast.maps[i].ravel(), exact.maps[i].ravel())[0, 1]
+        assert r > 0.99, f"image {i}: Pearson r {r:.4f} between bf16 and fp32 trunks"
+    # bf16 really ran: the maps are close, not bit-identical.
+    assert not np.array_equal(fast.maps, exact.maps)
+    assert np.abs(fast.probs - exact.probs).max() < 0.05
+
+
+def test_bf16_trunk_inside_caller_autocast_restores_it():
+    model, x = _resnet18(), _images(n=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        explain_batch(model, x, precision="bf16")
+        assert torch.is_autocast_enabled("cpu")
+    assert not torch.is_autocast_enabled("cpu")
+
+
+def test_auto_precision_is_fp32_without_native_bf16(monkeypatch):
+    from cvlib import precision as prec
+
+    model, x = _resnet18(), _images(n=2)
+    monkeypatch.setattr(prec, "cpu_supports_bf16", lambda: False)
+    np.testing.assert_array_equal(
+        explain_batch(model, x, precision="auto").maps, explain_batch(model, x, precision="fp32").maps
+    )
+
+
+def test_unknown_precision_raises_before_any_work():
+    model, x = _resnet18(), _images(n=1)
+    with pytest.raises(ValueError, match="precision must be one of"):
+        grad_cam(model, x, precision="int8")
+    assert not model.layer4[-1]._forward_hooks
+
+
+# --------------------------------------------------------------------------------------------
+# vision transformers: tokens -> grid
+# --------------------------------------------------------------------------------------------
+
+
+def _tiny_vit(seed: int = 0) -> nn.Module:
+    """torchvision's VisionTransformer at toy size (same module structure as vit_b_16). Its
+    classifier is zero-initialised, which would make every gradient (and map) zero: give it
+    random weights so the comparison below is not vacuous."""
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(seed)
+    vit = VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64, num_classes=5)
+    nn.init.normal_(vit.heads.head.weight, std=0.5)
+    return vit.eval()
+
+
+def test_tokens_to_grid_drops_class_token_or_keeps_all_patches():
+    tokens = torch.arange(2 * 17 * 3, dtype=torch.float32).reshape(2, 17, 3)  # class + 4x4
+    grid = tokens_to_grid(tokens)
+    assert grid.shape == (2, 3, 4, 4)
+    assert torch.equal(grid[:, :, 0, 1], tokens[:, 2, :])  # patch (0, 1) is token 1 + 1
+    patches = tokens[:, 1:, :]
+    assert torch.equal(tokens_to_grid(patches), grid)  # no class token: every token a patch
+    with pytest.raises(ValueError, match="square grid"):
+        tokens_to_grid(torch.zeros(1, 7, 3))
+
+
+def test_vit_default_layer_and_agreement_with_pytorch_grad_cam():
+    pgc = pytest.importorskip("pytorch_grad_cam")
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    vit, x = _tiny_vit(), _images(n=3, size=32)
+    layer = default_target_layer(vit)
+    assert layer is vit.encoder.layers[-1].ln_1
+    res = explain_batch(vit, x)
+    assert res.maps.shape == (3, 32, 32)
+    assert res.maps.std(axis=(1, 2)).min() > 0.05, "flat maps: the comparison would be vacuous"
+
+    def reshape(t: torch.Tensor) -> torch.Tensor:  # pytorch-grad-cam's documented ViT recipe
+        t = t[:, 1:, :]
+        s = int(t.shape[1] ** 0.5)
+        return t.reshape(t.shape[0], s, s, t.shape[2]).permute(0, 3, 1, 2)
+
+    with pgc.GradCAM(model=vit, target_layers=[layer], reshape_transform=reshape) as cam:
+        theirs = cam(input_tensor=x, targets=[ClassifierOutputTarget(int(t)) for t in res.targets])
+    vit.zero_grad(set_to_none=True)
+    for i in range(len(x)):
+        r = np.corrcoef(res.maps[i].ravel(), theirs[i].ravel())[0, 1]
+        assert r >= 0.99, f"image {i}: Pearson r {r:.4f}"
+
+
+def test_vit_eigencam_and_gradcampp_run_on_tokens():
+    vit, x = _tiny_vit(), _images(n=2, size=32)
+    for method in ("gradcam++", "eigencam"):
+        maps = grad_cam(vit, x, method=method)
+        assert maps.shape == (2, 32, 32) and np.isfinite(maps).all()
+
+
+def test_token_layer_without_a_grid_is_refused_and_hooks_removed():
+    vit, x = _tiny_vit(), _images(n=1, size=32)
+    layer = vit.encoder.layers[-1].mlp  # (N, 17, 32): a grid, fine
+    grad_cam(vit, x, target_layer=layer)
+
+    class DropOne(nn.Module):
+        def forward(self, t: torch.Tensor) -> torch.Tensor:
+            return t[:, :-2, :]  # 14 tokens: no square grid with or without a class token
+
+    model = nn.Sequential(vit.conv_proj, nn.Flatten(2), _Transpose(), DropOne(), _MeanTokens(), nn.Linear(32, 5)).eval()
+    with pytest.raises(ValueError, match="square grid"):
+        grad_cam(model, x, target_layer=model[3])
+    assert not model[3]._forward_hooks
+
+
+class _Transpose(nn.Module):
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return t.transpose(1, 2)
+
+
+class _MeanTokens(nn.Module):
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return t.mean(dim=1)
+
+
+def test_deletion_score_in_bf16_is_close_to_fp32():
+    model, x = _resnet18(), _images(n=3)
+    maps = grad_cam(model, x)
+    exact = deletion_score(model, x, maps, None)
+    fast = deletion_score(model, x, maps, None, precision="bf16")
+    assert fast["cam_drop"].dtype == np.float32
+    np.testing.assert_allclose(fast["cam_drop"], exact["cam_drop"], atol=0.05)
+    np.testing.assert_allclose(fast["random_drop"], exact["random_drop"], atol=0.05)
