@@ -4,8 +4,9 @@ live, or to see what a model looks at in a folder of images.
 What it holds, in reading order: a summary (model, data, metrics, faithfulness of the maps), the
 validation figures (confusion matrix, training curves, ...), the top confusions, the misclassified
 examples ranked by loss (each with the CAM of the predicted and of the true class), then one
-gallery per class (input crop, heat map, overlay, top-5 bars). A small inline script filters the
-cards (only misclassified, one class, a confusion pair, a file name).
+gallery per class (input crop, heat map, overlay, top-5 bars); optionally (off by default) the
+feature maps of a few layers for the first few images (:func:`explain_feature_maps`). A small
+inline script filters the cards (only misclassified, one class, a confusion pair, a file name).
 
 Self-contained: images are PNG data URIs, the CSS and the script are inline, and a Content-
 Security-Policy forbids every network fetch. Everything user-supplied (file names, labels) goes
@@ -40,6 +41,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from cvlib.atomic import write_bytes_atomic
+from cvlib.featuremaps import LayerMaps, choose_layers, feature_map_panels
 from cvlib.gradcam import deletion_score, explain_batch, heatmap_rgb, overlay
 from cvlib.imageio import ImageReadError, load_rgb
 from cvlib.models import eval_mode, pick_device
@@ -48,10 +50,12 @@ from cvlib.transforms import denormalize, eval_preset_from
 __all__ = [
     "DELETION_FRACTION",
     "FIGURES",
+    "FeatureMapSample",
     "ReportSample",
     "Screening",
     "choose_samples",
     "confusions_from_matrix",
+    "explain_feature_maps",
     "explain_files",
     "faithfulness_summary",
     "load_evaluation",
@@ -117,6 +121,16 @@ class ReportSample:
     def group(self) -> str:
         """The gallery the image belongs to: its true class, else (unlabelled) the predicted one."""
         return self.true if self.true is not None else self.pred
+
+
+@dataclass
+class FeatureMapSample:
+    """Feature maps of one explained image: its crop (base64 PNG, as in :class:`ReportSample`)
+    and, per layer, the most active channels as a PNG grid."""
+
+    path: str
+    original: str
+    layers: list[LayerMaps]
 
 
 @dataclass
@@ -348,10 +362,11 @@ def explain_files(
     faithfulness: bool = True,
     fraction: float = DELETION_FRACTION,
     seed: int = 0,
+    precision: str = "fp32",
 ) -> tuple[list[ReportSample], list[dict]]:
     """Grad-CAM (predicted class; true class too when they differ) for each file, and the
     deletion faithfulness score of the predicted-class map. Misclassified samples come first,
-    worst loss first."""
+    worst loss first. ``precision``: the trunk's, see :func:`cvlib.gradcam.explain_batch`."""
     root = Path(root)
     dev = pick_device(device)
     model = model.to(dev)
@@ -367,25 +382,26 @@ def explain_files(
     loaded: list[tuple[str, str | None, torch.Tensor]] = []
     for rel, label in zip(files, labels, strict=True):
         try:
-            img = load_rgb(_source(root, rel), draft_size=(int(pre["resize_size"]),) * 2)
+            loaded.append((rel, label, _crop(root, rel, pre, preset)))
         except ImageReadError as exc:
             errors.append({"path": rel, "error": f"{exc.reason}: {exc.message}"})
-            continue
-        loaded.append((rel, label, preset(img)))
     k = min(5, len(class_names))
     for start in range(0, len(loaded), batch_size):
         chunk = loaded[start : start + batch_size]
         images = torch.stack([t for _, _, t in chunk]).to(dev)
-        pred_result = explain_batch(model, images)
+        pred_result = explain_batch(model, images, precision=precision)
         true_idx = [index.get(lbl) if lbl is not None else None for _, lbl, _ in chunk]
         wrong = [i for i, t in enumerate(true_idx) if t is not None and t != int(pred_result.targets[i])]
         true_maps = {}
         if wrong:
-            true_result = explain_batch(model, images[wrong], targets=[true_idx[i] for i in wrong])
+            true_result = explain_batch(model, images[wrong], targets=[true_idx[i] for i in wrong], precision=precision)
             true_maps = {i: true_result.maps[j] for j, i in enumerate(wrong)}
         drops = None
         if faithfulness:
-            drops = deletion_score(model, images, pred_result.maps, pred_result.targets, fraction=fraction, seed=seed + start)
+            drops = deletion_score(
+                model, images, pred_result.maps, pred_result.targets, fraction=fraction, seed=seed + start,
+                precision=precision,
+            )
         shown = (denormalize(images.float().cpu(), pre["mean"], pre["std"]) * 255).round().byte()
         shown = shown.permute(0, 2, 3, 1).numpy()
         for i, (rel, label, _) in enumerate(chunk):
@@ -417,6 +433,48 @@ def explain_files(
             )
     samples.sort(key=lambda s: (s.correct, -(s.loss or 0.0), s.path))
     return samples, errors
+
+
+def _crop(root: Path, rel: str, pre: Mapping, preset) -> torch.Tensor:
+    """The normalised crop the model sees for one file (raises ImageReadError)."""
+    return preset(load_rgb(_source(root, rel), draft_size=(int(pre["resize_size"]),) * 2))
+
+
+def explain_feature_maps(
+    model: nn.Module,
+    meta: Mapping,
+    root: str | os.PathLike[str],
+    samples: Sequence[ReportSample],
+    *,
+    layers: Sequence[str] | None = None,
+    images: int = 2,
+    channels: int = 16,
+) -> list[FeatureMapSample]:
+    """Feature maps for the first ``images`` of ``samples`` (the report's order: misclassified
+    first, worst loss first), at the crop the model saw. ``layers``: module names, checked before
+    any image is read; none: a few layers from early to late
+    (:func:`cvlib.featuremaps.default_layers`). Per image and layer, the ``channels`` channels
+    with the highest mean activation. One forward for all the images, hooks on every layer."""
+    chosen = choose_layers(model, layers)
+    if images < 1:
+        return []
+    root = Path(root)
+    pre = meta["preprocessing"]
+    preset = eval_preset_from(pre)
+    picked: list[ReportSample] = []
+    crops: list[torch.Tensor] = []
+    for s in samples:
+        if len(picked) >= images:
+            break
+        try:
+            crops.append(_crop(root, s.path, pre, preset))
+        except ImageReadError:  # it was read a moment ago; gone now: the next image takes its place
+            continue
+        picked.append(s)
+    if not picked:
+        return []
+    panels = feature_map_panels(model, torch.stack(crops), chosen, channels=channels)
+    return [FeatureMapSample(path=s.path, original=s.original, layers=p) for s, p in zip(picked, panels, strict=True)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -561,12 +619,14 @@ def render_report(
     per_class: Mapping[str, Mapping] | None = None,
     class_names: Sequence[str] | None = None,
     sampling: str = "",
+    feature_maps: Sequence[FeatureMapSample] | None = None,
 ) -> str:
     """The HTML page. ``samples`` in display order (misclassified first by loss, as
     :func:`explain_files` returns them). ``confusions``: e.g. :func:`confusions_from_matrix` over
     the whole split; default: counted over ``samples``. ``figures``: PNG bytes by file name
     (:data:`FIGURES` names get captions). ``per_class``: ``val_metrics.json``'s, shown on the
-    galleries."""
+    galleries. ``feature_maps``: :func:`explain_feature_maps`'s; None (the default) leaves the
+    "Feature maps" section out."""
     samples = list(samples)
     wrong = [s for s in samples if not s.correct]
     if confusions is None:
@@ -602,7 +662,28 @@ def render_report(
         sampling=sampling,
         pixelated=bool(samples) and min(s.size or 999 for s in samples) < 96,
         fraction_pct=round(100 * DELETION_FRACTION),
+        feature_maps=_feature_map_context(feature_maps),
     )
+
+
+def _feature_map_context(feature_maps: Sequence[FeatureMapSample] | None) -> dict | None:
+    if feature_maps is None:
+        return None
+    items = [
+        {
+            "path": fm.path,
+            "original": fm.original,
+            "layers": [
+                {"name": lm.layer, "channels": list(lm.channels), "n_channels": lm.n_channels, "h": lm.size[0],
+                 "w": lm.size[1], "data": base64.b64encode(lm.png).decode("ascii")}
+                for lm in fm.layers
+            ],
+        }
+        for fm in feature_maps
+    ]
+    layers = list(dict.fromkeys(lm["name"] for item in items for lm in item["layers"]))
+    shown = max((len(lm["channels"]) for item in items for lm in item["layers"]), default=0)
+    return {"items": items, "layers": layers, "channels": shown}
 
 
 def write_report(html: str, out: str | os.PathLike[str]) -> Path:

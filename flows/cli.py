@@ -215,11 +215,16 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from cvlib.config import ReportConfig
 
     input_dir, model_uri = _existing(args.input, "input"), _model_ref(args.model)
+    # Only the options given: the defaults live in ReportConfig. Naming a layer asks for the section.
+    given = {"samples": args.samples, "seed": args.seed, "feature_map_layers": args.feature_map_layer,
+             "feature_map_images": args.feature_map_images, "feature_map_channels": args.feature_map_channels,
+             "precision": args.precision}
+    config = ReportConfig(**{k: v for k, v in given.items() if v is not None},
+                          feature_maps=bool(args.feature_maps or args.feature_map_layer))
     _use_prefect()
     from flows.explain import explain
 
-    report = explain(input_dir=input_dir, model_uri=model_uri, out=str(Path(args.out).resolve()),
-                     config=ReportConfig(samples=args.samples, seed=args.seed))
+    report = explain(input_dir=input_dir, model_uri=model_uri, out=str(Path(args.out).resolve()), config=config)
     _print_paths("report written", {"report": report})
     return 0
 
@@ -386,8 +391,17 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("input")
     s.add_argument("--model", required=True)
     s.add_argument("--out", required=True)
-    s.add_argument("--samples", type=int, default=24)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--samples", type=int, help="how many images get a CAM")
+    s.add_argument("--seed", type=int)
+    s.add_argument("--feature-maps", action="store_true",
+                   help="add a 'Feature maps' section: the most active channels of a few layers for the first images")
+    s.add_argument("--feature-map-layer", action="append", metavar="NAME",
+                   help="a layer for that section (repeatable; implies --feature-maps), e.g. layer1.0.conv1 or "
+                   "features.block2; default: first conv, middle stage, last stage")
+    s.add_argument("--feature-map-images", type=int, metavar="N", help="how many images get feature maps (the first ones, misclassified first)")
+    s.add_argument("--feature-map-channels", type=int, metavar="K", help="channels shown per layer and image (the most active)")
+    s.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="the network up to the Grad-CAM layer (maps are fp32 either way); default auto: bf16 where native")
     s.set_defaults(func=cmd_explain)
 
     s = sub.add_parser("demo", help="run the whole pipeline on the bundled digits")
@@ -432,10 +446,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # known user-facing failures read as one line, not a traceback
         from pydantic import ValidationError
 
+        from cvlib.featuremaps import UnknownLayerError
         from cvlib.ingest import DataSetError
         from cvlib.models import WeightsUnavailableError
 
-        if isinstance(exc, (DataSetError, WeightsUnavailableError, FileNotFoundError, ValidationError)):
+        if isinstance(exc, (DataSetError, UnknownLayerError, WeightsUnavailableError, FileNotFoundError, ValidationError)):
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_USAGE
         raise

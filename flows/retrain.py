@@ -11,7 +11,7 @@ from prefect.runtime import flow_run
 from cvlib.config import RetrainConfig
 from flows.naming import run_name
 from tasks.environment import mlflow_tracking_uri, runs_dir
-from tasks.explain import validation_report
+from tasks.explain import check_feature_map_layers, validation_report
 from tasks.ingest import ingest
 from tasks.registry import (
     champion_gate,
@@ -43,6 +43,7 @@ def _example_image(data) -> str | None:
 def retrain(data_dir: str, config: RetrainConfig = RetrainConfig(), output_dir: str | None = None) -> dict:
     """Retrain the classifier on an image folder (one sub-folder per class) and register it."""
     logger = get_run_logger()
+    check_feature_map_layers(config.train.arch, config.report)  # a misspelt layer fails now, not after training
     out = Path(output_dir) if output_dir else _default_output_dir(data_dir)
     out.mkdir(parents=True, exist_ok=True)
 

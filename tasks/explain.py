@@ -2,7 +2,9 @@
 
 Both tasks screen their candidates in one cheap pass (no CAM), choose the images worth a CAM
 (misclassified first, stratified across classes: :func:`cvlib.report.choose_samples`), explain
-only those, and write one self-contained HTML file. A Prefect link artifact points at the report
+only those, and write one self-contained HTML file; with ``config.feature_maps``, the first few
+explained images also get a "Feature maps" section (layer names checked as soon as the model is
+loaded, before the screening pass). A Prefect link artifact points at the report
 (the MLflow UI's view of it when the run lives on a tracking server) and a markdown artifact
 carries its headline numbers, so the Prefect UI answers "is this model any good?" without a click.
 """
@@ -40,6 +42,7 @@ def explain_folder(input_dir: str, model_uri: str, out: str, config: ReportConfi
 
     local, version = resolve_model(model_uri)
     model, meta = load_package(local)
+    layers = _feature_map_layers(model, config)
     found = list_input_files(input_dir)
     candidates = found if len(found) <= SCREEN_LIMIT else sorted(random.Random(config.seed).sample(found, SCREEN_LIMIT))
     classes = set(meta["class_names"])
@@ -72,7 +75,7 @@ def explain_folder(input_dir: str, model_uri: str, out: str, config: ReportConfi
         subtitle=f"{meta['arch']} · {model_uri} (version {version})",
         summary=summary, metrics=metrics, confusions=confusions, confusions_scope=scope, per_class=per_class,
         sampling=_sampling_note(screening, picked, "images"),
-        artifact_key="gradcam-report",
+        artifact_key="gradcam-report", feature_map_layers=layers,
     )
 
 
@@ -103,6 +106,7 @@ def validation_report(
     manifest = read_manifest(ingest.manifest_path)
     val = manifest[(manifest["status"] == "ok") & (manifest["split"] == "val")]
     model, meta = model_from_checkpoint(checkpoint)
+    layers = _feature_map_layers(model, config)
     screening, picked = _screen_and_choose(
         model, meta, ingest.data_dir, list(val["path"]), list(val["label"]), config, batch_size=batch_size, num_workers=num_workers
     )
@@ -135,8 +139,34 @@ def validation_report(
         summary=head | dict(summary), metrics=metrics or {}, figures=figures,
         confusions=confusions, confusions_scope=f"over the whole validation split ({total} images)", per_class=per_class,
         sampling=_sampling_note(screening, picked, "validation images"),
-        artifact_key="validation-report", run_id=run_id,
+        artifact_key="validation-report", run_id=run_id, feature_map_layers=layers,
     )
+
+
+def check_feature_map_layers(arch: str, config: ReportConfig) -> None:
+    """Before a retraining run: the layers named for the report's "Feature maps" section must
+    exist in ``arch``, or the run would fail only after training. The model is built on the meta
+    device (no memory, no weights; module names do not depend on the class count)."""
+    if not (config.feature_maps and config.feature_map_layers):
+        return
+    import torch
+
+    from cvlib.featuremaps import choose_layers
+    from cvlib.models import create_model
+
+    with torch.device("meta"):
+        model = create_model(arch, 2, weights="none")
+    choose_layers(model, config.feature_map_layers)
+
+
+def _feature_map_layers(model, config: ReportConfig) -> list[str] | None:
+    """The layers the "Feature maps" section shows (None: the section is off). Checked against
+    the model now, so a misspelt layer fails before the screening pass, not after it."""
+    if not config.feature_maps:
+        return None
+    from cvlib.featuremaps import choose_layers
+
+    return choose_layers(model, config.feature_map_layers)
 
 
 def _screen_and_choose(model, meta, root, files, labels, config: ReportConfig, *, batch_size: int = 64, num_workers: int = 0):
@@ -191,8 +221,10 @@ def _md(text: object) -> str:
 
 
 def _write(model, meta, root, screening, picked, out, config: ReportConfig, *, title, subtitle, summary, metrics,
-           confusions, confusions_scope, per_class, sampling, artifact_key, figures=None, run_id=None) -> str:
+           confusions, confusions_scope, per_class, sampling, artifact_key, figures=None, run_id=None,
+           feature_map_layers: list[str] | None = None) -> str:
     from cvlib.report import (
+        explain_feature_maps,
         explain_files,
         faithfulness_summary,
         metric_table,
@@ -202,12 +234,19 @@ def _write(model, meta, root, screening, picked, out, config: ReportConfig, *, t
 
     files = [screening.files[i] for i in picked]
     labels = [screening.labels[i] for i in picked]
-    samples, errors = explain_files(model, meta, root, files, labels=labels, seed=config.seed)
+    samples, errors = explain_files(model, meta, root, files, labels=labels, seed=config.seed, precision=config.precision)
     errors = screening.errors + errors
+    feature_maps = None
+    if feature_map_layers is not None:
+        feature_maps = explain_feature_maps(
+            model, meta, root, samples, layers=feature_map_layers,
+            images=config.feature_map_images, channels=config.feature_map_channels,
+        )
+        run_logger().info("feature maps of %s for %d images", ", ".join(feature_map_layers), len(feature_maps))
     html = render_report(
         samples, title=title, subtitle=subtitle, summary=summary, metrics=metrics, figures=figures, errors=errors,
         confusions=confusions, confusions_scope=confusions_scope or "", per_class=per_class,
-        class_names=meta["class_names"], sampling=sampling,
+        class_names=meta["class_names"], sampling=sampling, feature_maps=feature_maps,
     )
     path = write_report(html, out).resolve()
     wrong = sum(not s.correct for s in samples)

@@ -1,7 +1,11 @@
-"""cvlib.featuremaps: a forward hook that captures one layer's output for one image, always
-released, model state untouched; and the PNG grid it renders into."""
+"""cvlib.featuremaps: forward hooks that capture layers' outputs (one layer of one image, or
+several layers of a batch in one forward), always released, model state untouched; the default
+layers, the most active channels, and the PNG grids they render into."""
 
 from __future__ import annotations
+
+import io
+from collections import OrderedDict
 
 import numpy as np
 import pytest
@@ -9,7 +13,19 @@ import torch
 from PIL import Image
 from torch import nn
 
-from cvlib.featuremaps import conv_layer_names, feature_maps, render_feature_maps
+from cvlib.featuremaps import (
+    UnknownLayerError,
+    choose_layers,
+    conv_blocks,
+    conv_layer_names,
+    default_layers,
+    feature_map_panels,
+    feature_map_png,
+    feature_maps,
+    feature_maps_batch,
+    render_feature_maps,
+    top_channels,
+)
 from cvlib.models import create_model
 from cvlib.simple_cnn import SimpleCNN
 from tests.threads import one_torch_thread
@@ -218,3 +234,161 @@ def test_cli_featuremaps_on_a_file_does_not_import_prefect_or_mlflow(checkpoint_
     proc = subprocess.run([sys.executable, "-c", script], cwd=repo, capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == "[]"
+
+
+# --------------------------------------------------------------------------- several layers, one forward
+
+
+def _count_forwards(model: nn.Module) -> tuple[list[int], object]:
+    calls: list[int] = []
+    return calls, model.register_forward_pre_hook(lambda *a: calls.append(1))
+
+
+def test_batch_captures_every_layer_in_one_forward_and_matches_one_by_one(cnn):
+    x = torch.randn(3, 3, 32, 32)
+    layers = ["features.block1.conv", "features.block2", "features.block3.relu"]
+    calls, handle = _count_forwards(cnn)
+    try:
+        maps = feature_maps_batch(cnn, x, layers)
+    finally:
+        handle.remove()
+    assert calls == [1]
+    assert list(maps) == layers
+    assert [tuple(m.shape) for m in maps.values()] == [(3, 8, 32, 32), (3, 16, 8, 8), (3, 32, 8, 8)]
+    for name in layers:
+        for i in range(3):
+            assert torch.allclose(maps[name][i], feature_maps(cnn, x[i : i + 1], name), atol=1e-6)
+
+
+def test_batch_keeps_what_an_inplace_relu_later_overwrites(cnn):
+    """block1.bn's output is overwritten by the in-place ReLU after it: the copy must be taken."""
+    maps = feature_maps_batch(cnn, torch.randn(2, 3, 16, 16), ["features.block1.bn", "features.block1.relu"])
+    assert (maps["features.block1.bn"] < 0).any()
+    assert torch.equal(maps["features.block1.relu"], maps["features.block1.bn"].clamp(min=0))
+
+
+def test_batch_stops_once_the_last_layer_has_run(cnn):
+    calls = []
+    handle = cnn.features.block3.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        feature_maps_batch(cnn, torch.randn(2, 3, 16, 16), ["features.block2.conv", "features.block1.conv"])
+    finally:
+        handle.remove()
+    assert calls == []
+
+
+def test_batch_hooks_removed_and_modes_restored_also_on_error(cnn):
+    cnn.train()
+    cnn.features.block2.bn.eval()
+    before = {n: m.training for n, m in cnn.named_modules()}
+    hooks = _hooks(cnn)
+    feature_maps_batch(cnn, torch.randn(2, 3, 16, 16), ["features.block1.conv", "features.block3"])
+    assert _hooks(cnn) == hooks and {n: m.training for n, m in cnn.named_modules()} == before
+    with pytest.raises(ValueError, match="not a spatial"):  # raised inside a hook, mid-forward
+        feature_maps_batch(cnn, torch.randn(2, 3, 16, 16), ["features.block1.conv", "fc.1"])
+    assert _hooks(cnn) == hooks and {n: m.training for n, m in cnn.named_modules()} == before
+    def boom(*_):
+        raise RuntimeError("boom")
+
+    failing = cnn.features.block2.register_forward_pre_hook(boom)  # the forward fails after block1 ran
+    try:
+        with pytest.raises(RuntimeError, match="boom"):
+            feature_maps_batch(cnn, torch.randn(2, 3, 16, 16), ["features.block1.conv", "features.block3.conv"])
+    finally:
+        failing.remove()
+    assert _hooks(cnn) == hooks and {n: m.training for n, m in cnn.named_modules()} == before
+    cnn.eval()
+
+
+def test_batch_unknown_layer_fails_before_any_forward(cnn):
+    calls, handle = _count_forwards(cnn)
+    try:
+        with pytest.raises(UnknownLayerError) as info:
+            feature_maps_batch(cnn, torch.randn(1, 3, 16, 16), ["features.block1.conv", "features.blok2"])
+    finally:
+        handle.remove()
+    assert calls == []
+    message = str(info.value)
+    assert "'features.blok2'" in message and "features.block3.conv" in message
+    assert "Did you mean 'features.block2'" in message
+    assert isinstance(info.value, ValueError)
+
+
+def test_a_layer_that_does_not_run_is_named(cnn):
+    model = nn.Sequential(OrderedDict(used=nn.Conv2d(3, 2, 1), unused=nn.Conv2d(2, 2, 1)))
+    model.forward = lambda x: model.used(x)  # noqa: E731 (a model that skips a registered layer)
+    with pytest.raises(ValueError, match="'unused' did not run"):
+        feature_maps_batch(model, torch.randn(1, 3, 4, 4), ["used", "unused"])
+    assert _hooks(model) == 0
+
+
+def test_top_channels_by_mean_activation():
+    maps = torch.zeros(5, 2, 2)
+    maps[3] = 2.0
+    maps[1] = 1.0
+    maps[4, 0, 0] = 4.0  # mean 1.0: ties with channel 1, the lower index first
+    maps[0] = -1.0
+    maps[2, 0, 0] = float("nan")
+    assert top_channels(maps, 3) == [3, 1, 4]
+    assert top_channels(maps, 10) == [3, 1, 4, 0, 2]  # NaN last
+    with pytest.raises(ValueError):
+        top_channels(maps, 0)
+
+
+def test_default_layers_go_from_early_to_late(cnn):
+    assert conv_blocks(cnn) == ["features.block1", "features.block2", "features.block3"]
+    assert default_layers(cnn) == ["features.block1.conv", "features.block2", "features.block3"]
+    resnet = create_model("resnet18", 3, weights="none", hidden_dim=8)
+    assert conv_blocks(resnet) == ["conv1", "layer1", "layer2", "layer3", "layer4"]
+    assert default_layers(resnet) == ["conv1", "layer2", "layer4"]
+    maps = feature_maps_batch(resnet, torch.randn(1, 3, 64, 64), default_layers(resnet))
+    assert [tuple(m.shape[1:]) for m in maps.values()] == [(64, 32, 32), (128, 8, 8), (512, 2, 2)]
+
+
+def test_choose_layers_checks_given_names_and_defaults_otherwise(cnn):
+    assert choose_layers(cnn) == default_layers(cnn)
+    assert choose_layers(cnn, []) == default_layers(cnn)
+    assert choose_layers(cnn, ["features.block3", "features.block1", "features.block3"]) == ["features.block3", "features.block1"]
+    with pytest.raises(UnknownLayerError, match="'layer4'"):
+        choose_layers(cnn, ["features.block1", "layer4"])
+    with pytest.raises(ValueError, match="no Conv2d"):
+        choose_layers(nn.Sequential(nn.Flatten(), nn.Linear(4, 2)))
+
+
+def test_feature_map_png_draws_the_chosen_channels(cnn):
+    maps = feature_maps(cnn, torch.randn(1, 3, 32, 32), "features.block1.relu")
+    png = feature_map_png(maps, [5, 0, 7])
+    with Image.open(io.BytesIO(png)) as im:
+        assert im.format == "PNG"
+        three = np.asarray(im.convert("RGB"))
+    with Image.open(io.BytesIO(feature_map_png(maps, range(8)))) as im:
+        eight = np.asarray(im.convert("RGB"))
+    assert three.std() > 10 and three.size < eight.size
+    with pytest.raises(ValueError, match="out of range"):
+        feature_map_png(maps, [8])
+    with pytest.raises(ValueError, match="no channels"):
+        feature_map_png(maps, [])
+
+
+def test_feature_map_panels_one_forward_top_channels_per_image(cnn):
+    x = torch.randn(2, 3, 32, 32)
+    layers = ["features.block1.conv", "features.block3"]
+    calls, handle = _count_forwards(cnn)
+    try:
+        panels = feature_map_panels(cnn, x, layers, channels=4)
+    finally:
+        handle.remove()
+    assert calls == [1]
+    assert len(panels) == 2 and all([p.layer for p in row] == layers for row in panels)
+    for i, row in enumerate(panels):
+        for panel in row:
+            m = feature_maps(cnn, x[i : i + 1], panel.layer)
+            assert panel.channels == top_channels(m, 4)
+            assert panel.n_channels == m.shape[0] and panel.size == tuple(m.shape[1:])
+            assert panel.png.startswith(b"\x89PNG")
+
+
+def test_a_dollar_in_a_title_is_text_not_mathtext(tmp_path):
+    """File names reach the title of ``visionflow featuremaps``; ``$x^$`` used to crash mathtext."""
+    render_feature_maps(torch.rand(3, 4, 4), tmp_path / "t.png", title="img_$x^$.png")
+    assert (tmp_path / "t.png").is_file()

@@ -17,6 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
+from cvlib.config import ReportConfig
 from cvlib.models import create_model
 from cvlib.report import (
     FIGURES,
@@ -455,3 +456,33 @@ def test_faithfulness_verdict(cam, rnd, level):
     assert faith["level"] == level and faith["verdict"]
     assert faith["beats_random"] == sum(c > r for c, r in zip(cam, rnd, strict=True))
     assert faithfulness_summary([]) is None
+
+
+def test_explain_files_passes_its_precision_to_every_cam_and_deletion_pass(model, folder, explained, monkeypatch):
+    """The report's trunk precision (ReportConfig.precision, "auto" by default) reaches the CAM
+    of the predicted class, of the true class and the faithfulness forwards."""
+    import cvlib.report as report_mod
+
+    seen: list[tuple[str, str]] = []
+    real_explain, real_deletion = report_mod.explain_batch, report_mod.deletion_score
+
+    def spy_explain(*a, precision="fp32", **k):
+        seen.append(("cam", precision))
+        return real_explain(*a, precision=precision, **k)
+
+    def spy_deletion(*a, precision="fp32", **k):
+        seen.append(("deletion", precision))
+        return real_deletion(*a, precision=precision, **k)
+
+    monkeypatch.setattr(report_mod, "explain_batch", spy_explain)
+    monkeypatch.setattr(report_mod, "deletion_score", spy_deletion)
+    files = [s.path for s in explained]
+    labels = [s.true for s in explained]
+    samples, _ = explain_files(model, META, folder, files, labels=labels, precision="bf16")
+    assert {p for _, p in seen} == {"bf16"}
+    assert {kind for kind, _ in seen} == {"cam", "deletion"}
+    assert any(not s.correct for s in explained), "no misclassified image: the true-class CAM went untested"
+    assert len([k for k, _ in seen if k == "cam"]) >= 2
+    # Every chosen image is still explained.
+    assert sorted(s.path for s in samples) == sorted(files)
+    assert ReportConfig().precision == "auto"
