@@ -20,11 +20,12 @@ import hashlib
 import itertools
 import logging
 import os
+import queue
 import stat
+import threading
 import unicodedata
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -299,11 +300,11 @@ def inspect_file(
     The file is read once: the same bytes are hashed and decoded (a JPEG at 1/8 scale), so
     the hash always describes exactly the content that was validated.
     """
-    full = Path(root) / rel
+    full = os.path.join(root, rel)
     try:
         if mtime_ns is None:
-            mtime_ns = full.stat().st_mtime_ns
-        with open(full, "rb") as f:
+            mtime_ns = os.stat(full).st_mtime_ns
+        with open(full, "rb", buffering=0) as f:  # one read of the whole file: no buffer layer
             size = os.fstat(f.fileno()).st_size
             data = f.read() if size <= READ_WHOLE_LIMIT else None
         if data is not None:
@@ -343,6 +344,76 @@ def _inspect_safely(root: Path, entry: ScanEntry, max_pixels: int, phash: bool) 
             entry.path, entry.label, None, entry.bytes, entry.mtime_ns,
             reason="unreadable", detail=f"{type(exc).__name__}: {exc}",
         )  # fmt: skip
+
+
+def _inspect_all(
+    root: Path,
+    entries: list[ScanEntry],
+    todo: list[int],
+    records: list[FileRecord | None],
+    max_pixels: int,
+    phash: bool,
+    workers: int,
+    progress: Callable[[int, int], None] | None,
+) -> None:
+    """Fill ``records[i]`` for every ``i`` in ``todo``, on ``workers`` threads.
+
+    Threads, not processes: reading, hashing and decoding all release the GIL. Each thread
+    takes the next file as soon as it has finished one, with no future per file and nothing
+    handed back through the calling thread: on a two-core machine that bookkeeping (and the
+    wake-ups it causes) was a measurable share of the CPU a file costs. The calling thread
+    only reports progress, when asked to, and stops the workers if the callback raises.
+    """
+    total = len(todo)
+    workers = max(1, min(int(workers), total))
+    if total == 0:
+        return
+    if workers == 1:
+        for done, i in enumerate(todo, 1):
+            records[i] = _inspect_safely(root, entries[i], max_pixels, phash)
+            if progress is not None:
+                progress(done, total)
+        return
+
+    jobs = iter(todo)
+    take = threading.Lock()
+    stop = threading.Event()
+    finished: queue.SimpleQueue[BaseException | None] = queue.SimpleQueue()
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            while not stop.is_set():
+                with take:
+                    i = next(jobs, None)
+                if i is None:
+                    return
+                records[i] = _inspect_safely(root, entries[i], max_pixels, phash)
+                if progress is not None:
+                    finished.put(None)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the calling thread
+            errors.append(exc)
+            stop.set()
+            finished.put(exc)
+
+    threads = [threading.Thread(target=work, name=f"ingest-{k}", daemon=True) for k in range(workers)]
+    for t in threads:
+        t.start()
+    try:
+        if progress is not None:
+            for done in range(1, total + 1):
+                if finished.get() is not None:
+                    break
+                progress(done, total)
+        for t in threads:
+            t.join()
+    except BaseException:
+        stop.set()  # the callback failed, or an interrupt: finish the files in hand, take no more
+        for t in threads:
+            t.join()
+        raise
+    if errors:
+        raise errors[0]
 
 
 # --------------------------------------------------------------------------- incremental
@@ -444,21 +515,8 @@ def build_manifest(
         else:
             todo.append(i)
 
-    # Threads, not processes: reading, hashing and decoding all release the GIL.
     workers = workers or min(8, (os.cpu_count() or 2) * 2)
-    done = 0
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        chunk = max(256, workers * 64)  # bounded number of futures in flight on huge folders
-        for start in range(0, len(todo), chunk):
-            batch = todo[start : start + chunk]
-            results = pool.map(
-                lambda i: _inspect_safely(root, entries[i], cfg.max_image_pixels, near_duplicates), batch
-            )
-            for i, record in zip(batch, results, strict=True):
-                records[i] = record
-                done += 1
-                if progress is not None:
-                    progress(done, len(todo))
+    _inspect_all(root, entries, todo, records, cfg.max_image_pixels, near_duplicates, workers, progress)
     log.info("ingested %s: %d files, %d read, %d reused", root, len(entries), len(todo), len(entries) - len(todo))
     manifest = records_to_manifest(
         [r for r in records if r is not None],
@@ -579,49 +637,79 @@ def _popcount64(x: np.ndarray) -> np.ndarray:
     return np.unpackbits(x.astype(">u8").view(np.uint8).reshape(*x.shape, 8), axis=-1).sum(axis=-1)
 
 
+_SMALL_BUCKET = 16  # bucket sizes compared position against position; larger ones pair by pair
+
+
 def near_duplicate_groups(hashes: np.ndarray, distance: int) -> np.ndarray:
     """Group 64-bit hashes that are within ``distance`` bits of each other (transitively).
 
-    Returns a group id per hash. Candidate pairs come from multi-index hashing: split the 64
-    bits into ``distance + 1`` blocks; two hashes within ``distance`` bits agree exactly on at
-    least one block (pigeonhole), so only hashes sharing a block value are compared. That keeps
-    it near-linear instead of comparing every pair of a large folder.
+    Returns a group id per hash (the smallest index, among the distinct hashes in sorted order,
+    of its group). Candidate pairs come from multi-index hashing: split the 64 bits into
+    ``distance + 1`` blocks; two hashes within ``distance`` bits agree exactly on at least one
+    block (pigeonhole), so only hashes sharing a block value are compared. That keeps it
+    near-linear instead of comparing every pair of a large folder. Everything is array work:
+    small buckets (the usual case) are compared all at once, a crowded bucket in slices of
+    bounded memory, and the groups come from label propagation over the close pairs.
     """
     hashes = np.asarray(hashes, dtype=np.uint64)
     uniq, inverse = np.unique(hashes, return_inverse=True)
+    inverse = inverse.reshape(-1)
     n = len(uniq)
-    parent = list(range(n))
-
-    def find(a: int) -> int:
-        while parent[a] != a:
-            parent[a] = parent[parent[a]]
-            a = parent[a]
-        return a
-
+    label = np.arange(n, dtype=np.int64)
     distance = max(0, min(int(distance), 63))
-    if distance > 0 and n > 1:
-        bounds = np.linspace(0, 64, distance + 2).astype(int)
-        for lo, hi in itertools.pairwise(bounds):
-            block = (uniq >> np.uint64(lo)) & np.uint64((1 << int(hi - lo)) - 1)
-            by_block = np.argsort(block, kind="stable")
-            sorted_block = block[by_block]
-            starts = np.flatnonzero(np.r_[True, sorted_block[1:] != sorted_block[:-1]])
-            ends = np.r_[starts[1:], n]
-            for s, e in zip(starts, ends, strict=True):
-                if e - s < 2:
-                    continue
-                idx = by_block[s:e]
-                values = uniq[idx]
-                for a in range(0, len(idx), 1024):  # bounded memory for a crowded block
-                    close = _popcount64(values[a : a + 1024, None] ^ values[None, :]) <= distance
-                    ii, jj = np.nonzero(close)
-                    for i, j in zip(idx[ii + a], idx[jj], strict=True):
-                        if i < j:
-                            ri, rj = find(int(i)), find(int(j))
-                            if ri != rj:
-                                parent[max(ri, rj)] = min(ri, rj)
-    roots = np.array([find(i) for i in range(n)], dtype=np.int64)
-    return roots[inverse]
+    if distance == 0 or n < 2:
+        return label[inverse]
+
+    left: list[np.ndarray] = []
+    right: list[np.ndarray] = []
+
+    def keep_close(a: np.ndarray, b: np.ndarray) -> None:
+        close = _popcount64(uniq[a] ^ uniq[b]) <= distance
+        if close.any():
+            left.append(a[close])
+            right.append(b[close])
+
+    bounds = np.linspace(0, 64, distance + 2).astype(int)
+    for lo, hi in itertools.pairwise(bounds):
+        block = (uniq >> np.uint64(lo)) & np.uint64((1 << int(hi - lo)) - 1)
+        order = np.argsort(block, kind="stable")
+        sorted_block = block[order]
+        starts = np.flatnonzero(np.r_[True, sorted_block[1:] != sorted_block[:-1]])
+        sizes = np.diff(np.r_[starts, n])
+        bucket = np.repeat(np.arange(len(starts)), sizes)  # bucket of each sorted position
+        small = sizes[bucket] <= _SMALL_BUCKET
+        # small buckets: position k against position k + d of the same bucket, for every d
+        for d in range(1, min(int(sizes.max()), _SMALL_BUCKET)):
+            k = np.flatnonzero(small[:-d] & (bucket[:-d] == bucket[d:]))
+            if len(k):
+                keep_close(order[k], order[k + d])
+        # crowded buckets: every pair, in slices of bounded memory
+        for b in np.flatnonzero(sizes > _SMALL_BUCKET):
+            idx = order[starts[b] : starts[b] + sizes[b]]
+            values = uniq[idx]
+            for a in range(0, len(idx), 1024):
+                ii, jj = np.nonzero(_popcount64(values[a : a + 1024, None] ^ values[None, :]) <= distance)
+                ii = ii + a
+                upper = ii < jj
+                if upper.any():
+                    left.append(idx[ii[upper]])
+                    right.append(idx[jj[upper]])
+
+    if left:
+        a, b = np.concatenate(left), np.concatenate(right)
+        while True:  # hook each root onto the smallest root it touches, then flatten
+            la, lb = label[a], label[b]
+            if np.array_equal(la, lb):
+                break
+            low = np.minimum(la, lb)
+            np.minimum.at(label, la, low)
+            np.minimum.at(label, lb, low)
+            while True:
+                up = label[label]
+                if np.array_equal(up, label):
+                    break
+                label = up
+    return label[inverse]
 
 
 def split_for(sha256: str, cfg: DataConfig) -> str:

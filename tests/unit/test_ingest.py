@@ -12,6 +12,8 @@ import itertools
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -367,6 +369,58 @@ def test_near_duplicate_groups_match_brute_force():
                 assert (got[i] == got[j]) == (want[i] == want[j]), (distance, i, j)
 
 
+def _reference_phash(data: bytes) -> int:
+    """pHash as documented, written the plain way: the 1/8 greyscale draft for a JPEG, 32x32
+    box average, 2-D DCT, the 8x8 lowest frequencies against their median."""
+    from cvlib.imageio import _DCT8
+
+    with Image.open(io.BytesIO(data)) as im:
+        if im.format == "JPEG":
+            w, h = im.size
+            im.draft("L", (min(w, max(w // 8, 64)), min(h, max(h // 8, 64))))
+        gray = im.convert("L")
+    pixels = np.asarray(gray.resize((32, 32), Image.Resampling.BOX), dtype=np.float64)
+    coeffs = (_DCT8 @ pixels @ _DCT8.T).ravel()
+    bits = coeffs > np.median(coeffs)
+    return int("".join("1" if b else "0" for b in bits), 2)
+
+
+def test_manifest_phash_is_the_documented_hash_bit_for_bit(tmp_path, cfg):
+    files = {
+        "a/big.jpg": encode(picture(1, (1024, 768)), quality=80),
+        "a/progressive.jpg": encode(picture(2, (900, 700)), quality=70, progressive=True),
+        "a/small.jpg": encode(picture(3, (40, 30))),
+        "b/photo.png": encode(picture(4, (300, 200)), "PNG"),
+        "b/grey.png": encode(picture(5, (257, 129)).convert("L"), "PNG"),
+    }
+    for rel, data in files.items():
+        put(tmp_path, rel, data)
+    m, _ = build_manifest(tmp_path, cfg)
+    for rel, data in files.items():
+        assert row(m, rel)["phash"] == f"{_reference_phash(data):016x}", rel
+
+
+def test_near_duplicate_groups_match_brute_force_in_crowded_buckets():
+    """Low-entropy hashes put dozens of values in one block bucket: the pair-by-pair path."""
+    rng = np.random.default_rng(3)
+    low, high = rng.integers(0, 2**10, size=300, dtype=np.uint64), rng.integers(0, 3, size=300, dtype=np.uint64)
+    hashes = low | (high << np.uint64(50))
+    for distance in (1, 2, 4):
+        got = near_duplicate_groups(hashes, distance)
+        want = _brute_force_groups([int(h) for h in hashes], distance)
+        same_got = got[:, None] == got[None, :]
+        same_want = np.array(want)[:, None] == np.array(want)[None, :]
+        assert (same_got == same_want).all(), distance
+
+
+def test_near_duplicate_group_id_is_the_smallest_member():
+    hashes = np.array([0b1111, 0b0111, 1 << 40, 0b0011, (1 << 40) | 1], dtype=np.uint64)
+    # distinct hashes in sorted order: 3, 7, 15, 2**40, 2**40 + 1
+    assert near_duplicate_groups(hashes, 1).tolist() == [0, 0, 3, 0, 3]
+    assert near_duplicate_groups(hashes, 0).tolist() == [2, 1, 3, 0, 4]
+    assert near_duplicate_groups(np.array([], dtype=np.uint64), 4).tolist() == []
+
+
 def _brute_force_groups(hashes: list[int], distance: int) -> list[int]:
     parent = list(range(len(hashes)))
 
@@ -506,6 +560,60 @@ def test_progress_is_reported(tmp_path, cfg):
     seen: list[tuple[int, int]] = []
     build_manifest(tmp_path, cfg, progress=lambda done, total: seen.append((done, total)))
     assert seen == [(1, 3), (2, 3), (3, 3)]
+
+
+@pytest.mark.parametrize("workers", [1, 2, 5])
+def test_every_file_is_read_once_whatever_the_thread_count(tmp_path, cfg, monkeypatch, workers):
+    make_classes(tmp_path, {"a": 7, "b": 6})
+    calls = _count_inspections(monkeypatch)
+    seen: list[tuple[int, int]] = []
+    m, _ = build_manifest(tmp_path, cfg, workers=workers, progress=lambda d, t: seen.append((d, t)))
+    assert sorted(calls) == sorted(m["path"]) and len(calls) == 13
+    assert seen == [(d, 13) for d in range(1, 14)]
+    assert (m["status"] == "ok").all()
+
+
+def test_a_failing_progress_callback_stops_ingestion_and_is_raised(tmp_path, cfg, monkeypatch):
+    make_classes(tmp_path, {"a": 30})
+    calls: list[str] = []
+    real = ingest.inspect_file
+
+    def slow(root, rel, *args, **kwargs):  # 30 files x 20 ms on 2 threads: the failure comes first
+        calls.append(rel)
+        time.sleep(0.02)
+        return real(root, rel, *args, **kwargs)
+
+    monkeypatch.setattr(ingest, "inspect_file", slow)
+
+    def fail(done: int, total: int) -> None:
+        if done == 2:
+            raise RuntimeError("progress bar closed")
+
+    before = threading.active_count()
+    with pytest.raises(RuntimeError, match="progress bar closed"):
+        build_manifest(tmp_path, cfg, workers=2, progress=fail)
+    assert threading.active_count() == before  # no worker left running
+    assert len(calls) < 30  # the files not yet taken were not read
+
+
+def test_an_error_that_escapes_a_worker_is_raised_not_lost(tmp_path, cfg, monkeypatch):
+    class Stop(BaseException):  # not an Exception: _inspect_safely lets it through
+        pass
+
+    make_classes(tmp_path, {"a": 6})
+    real = ingest.inspect_file
+
+    def boom(root, rel, *args, **kwargs):
+        if rel.endswith("img_003.jpg"):
+            raise Stop
+        return real(root, rel, *args, **kwargs)
+
+    monkeypatch.setattr(ingest, "inspect_file", boom)
+    before = threading.active_count()
+    for progress in (None, lambda d, t: None):
+        with pytest.raises(Stop):
+            build_manifest(tmp_path, cfg, workers=3, progress=progress)
+    assert threading.active_count() == before
 
 
 # --------------------------------------------------------------------------- the result
