@@ -77,12 +77,19 @@ def conv_layer_names(model: nn.Module) -> list[str]:
     return [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
 
 
+def _trunk_conv_names(model: nn.Module) -> list[str]:
+    """:func:`conv_layer_names` without auxiliary heads (GoogLeNet's ``aux1``/``aux2``,
+    Inception's ``AuxLogits``): they do not run in eval mode, so their maps never exist."""
+    return [n for n in conv_layer_names(model) if not any(p.lower().startswith("aux") for p in n.split("."))]
+
+
 def conv_blocks(model: nn.Module) -> list[str]:
     """The model's stages: the children of the shallowest module under which its ``Conv2d``
     layers spread over more than one child, in order (``conv1, layer1 .. layer4`` for a ResNet,
     ``features.block1 .. features.block3`` for SimpleCNN, ``features.0 .. features.N`` for
-    VGG/MobileNet/EfficientNet). Empty when the model has no ``Conv2d``."""
-    convs = conv_layer_names(model)
+    VGG/MobileNet/EfficientNet). Empty when the model has no ``Conv2d``. Auxiliary heads are
+    not stages."""
+    convs = _trunk_conv_names(model)
     prefix = ""
     while convs:
         groups: dict[str, None] = {}
@@ -101,7 +108,7 @@ def conv_blocks(model: nn.Module) -> list[str]:
 def default_layers(model: nn.Module) -> list[str]:
     """Up to three layers from early to late: the first conv (edges and colours), the middle
     stage and the last conv-bearing stage (the map Grad-CAM reads). Empty without a ``Conv2d``."""
-    convs = conv_layer_names(model)
+    convs = _trunk_conv_names(model)
     if not convs:
         return []
     blocks = conv_blocks(model)

@@ -16,9 +16,10 @@ activation before the target layer, none of which a CAM needs. Here:
   not need a second pass;
 * hooks and grad mode are restored in ``finally`` blocks, every module's train/eval flag is
   restored, and the CAM arithmetic runs in float32 even under a caller's autocast;
-* the input goes in channels-last, and with ``precision="auto"`` (what reports use) the trunk
-  runs in bf16 where the hardware has it, while the head, the gradient and the maps stay
-  float32: on this CPU that is about twice as fast at Pearson r > 0.999 against the fp32 maps;
+* the input goes in channels-last (ordinary layout for models that ``.view()`` conv outputs),
+  and with ``precision="auto"`` (what reports use) the forward runs in bf16 where the hardware
+  has it, while the gradient and the maps stay float32: on this CPU that is about twice as
+  fast at Pearson r > 0.999 against the fp32 maps;
 * vision transformers work too: a (N, 1 + s*s, D) token output is laid out on its s x s patch
   grid (:func:`tokens_to_grid`) and the default layer is the last block's first LayerNorm.
 
@@ -29,7 +30,7 @@ lazily, for colour maps) and nothing from Prefect or MLflow.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
@@ -132,8 +133,9 @@ def _last_conv_child(container: nn.Module) -> nn.Module | None:
 
 def _last_vit_block(model: nn.Module) -> nn.Module | None:
     """The pre-attention LayerNorm of a ViT's last encoder block, or None for other models."""
-    encoder = getattr(model, "encoder", None)
-    blocks = getattr(encoder, "layers", None) if encoder is not None else getattr(model, "blocks", None)
+    blocks = getattr(getattr(model, "encoder", None), "layers", None)
+    if blocks is None:
+        blocks = getattr(model, "blocks", None)
     if not isinstance(blocks, nn.Sequential) or len(blocks) == 0:
         return None
     for name in ("ln_1", "norm1"):  # torchvision, timm
@@ -287,9 +289,24 @@ def _prepare_images(images: torch.Tensor, device: torch.device, dtype: torch.dty
     x = images.detach().to(device=device, dtype=dtype)
     if x.is_inference():
         x = x.clone()
-    # NHWC input lets oneDNN/cuDNN run every conv in channels-last without touching the
-    # model's own parameters (about 1.2x for a ResNet-50 forward on this CPU).
-    return x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def _forward_any_layout(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """``forward(x)`` with ``x`` in channels-last memory format, falling back to the ordinary
+    layout for models that cannot take it.
+
+    NHWC input lets oneDNN/cuDNN run every conv in channels-last without touching the model's
+    own parameters (about 1.3x for a ResNet-50 forward on this CPU, fp32 or bf16). A model that
+    calls ``.view()`` on a conv output (``x.view(x.size(0), -1)``, the notebook classic) fails
+    on a channels-last tensor; it gets a second forward in the layout it was written for.
+    """
+    try:
+        return forward(x.contiguous(memory_format=torch.channels_last))
+    except RuntimeError as exc:
+        if "view size is not compatible" not in str(exc):
+            raise
+    return forward(x.contiguous())
 
 
 def _logits(out: object, model: nn.Module) -> torch.Tensor:
@@ -427,12 +444,13 @@ def explain_batch(
             :func:`default_target_layer`. Its output must be (N, C, h, w), or (N, tokens, D)
             for a vision transformer (see :func:`tokens_to_grid`), and it must run exactly
             once per forward.
-        precision: what the trunk (input -> target layer, no autograd) computes in: "fp32",
-            "bf16", "fp16", or "auto" (bf16 on CUDA and on CPUs with native bf16, else fp32;
-            :func:`cvlib.precision.inference_dtype`). From the target layer on, the head, its
-            gradient and the CAM arithmetic run in the model's own dtype (float32), so the
-            maps stay float32; only the activations carry the trunk's rounding. On an
-            AVX512-BF16 CPU "auto" roughly halves the cost (see ``benchmarks/gradcam.py``).
+        precision: what the forward computes in (autocast): "fp32", "bf16", "fp16", or "auto"
+            (bf16 on CUDA and on CPUs with native bf16, else fp32;
+            :func:`cvlib.precision.inference_dtype`). The target layer's activation is taken
+            as a leaf in the model's own dtype (float32), so its gradient and the CAM
+            arithmetic are float32; the activation and the head carry the reduced precision's
+            rounding (Pearson r > 0.999 against fp32 maps on ResNet-50). On an AVX512-BF16 CPU
+            "auto" roughly halves the cost (see ``benchmarks/gradcam.py``).
 
     Only the target layer -> head part of the network is differentiated, so the cost is about
     one inference forward. Works with frozen backbones, inside ``torch.no_grad()`` /
@@ -462,9 +480,10 @@ def explain_batch(
             )
         if output.dim() == 3:
             tokens_to_grid(output[:1].detach())  # fail now, before the backward, if it has no grid
-        if trunk_dtype is not None:
-            # The head runs in the model's dtype: its gradient is what the map is made of.
-            torch.set_autocast_enabled(device.type, False)
+        # The leaf is in the model's dtype (fp32) whatever the trunk ran in, so the gradient
+        # w.r.t. it and the map are fp32. The rest of the forward stays under the same
+        # autocast: a target layer inside a block has siblings (a ResNet's downsample branch)
+        # that still receive bf16 tensors from the trunk, which fp32 ops would refuse.
         act = output.detach().to(dtype)
         if needs_grad:
             act.requires_grad_(True)
@@ -481,9 +500,14 @@ def explain_batch(
         x = _prepare_images(images, device, dtype)
         handle = layer.register_forward_hook(hook)
         try:
-            torch.set_grad_enabled(False)  # no autograd before the target layer
-            with autocast(device, trunk_dtype):
-                logits = _logits(model(x), model)
+
+            def forward(v: torch.Tensor) -> torch.Tensor:
+                captured.clear()  # a retried forward starts afresh
+                torch.set_grad_enabled(False)  # no autograd before the target layer
+                with autocast(device, trunk_dtype):
+                    return _logits(model(v), model)
+
+            logits = _forward_any_layout(forward, x)
             if not captured:
                 raise RuntimeError(f"target layer {type(layer).__name__} did not run in {type(model).__name__}'s forward")
             num_classes = logits.shape[1]
@@ -657,9 +681,12 @@ def deletion_score(
         blurred = _blur(x, sigma)
         x_cam = torch.where(mask_of(cam_idx), blurred, x)
         x_rand = torch.where(mask_of(rand_idx), blurred, x)
-        with autocast(device, forward_dtype):
-            logits = [_logits(model(v), model) for v in (x, x_cam, x_rand)]
-        probs = [torch.softmax(v.float(), dim=1) for v in logits]
+
+        def forward(v: torch.Tensor) -> torch.Tensor:
+            with autocast(device, forward_dtype):
+                return _logits(model(v), model)
+
+        probs = [torch.softmax(_forward_any_layout(forward, v).float(), dim=1) for v in (x, x_cam, x_rand)]
         chosen = probs[0].argmax(dim=1) if wanted is None else wanted.to(probs[0].device)
         _check_target_range(chosen, probs[0].shape[1])
         p0, p_cam, p_rand = (p.gather(1, chosen[:, None]).squeeze(1).cpu().numpy() for p in probs)

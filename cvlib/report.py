@@ -45,6 +45,8 @@ from cvlib.featuremaps import LayerMaps, choose_layers, feature_map_panels
 from cvlib.gradcam import deletion_score, explain_batch, heatmap_rgb, overlay
 from cvlib.imageio import ImageReadError, load_rgb
 from cvlib.models import eval_mode, pick_device
+from cvlib.precision import autocast as precision_autocast
+from cvlib.precision import inference_dtype
 from cvlib.transforms import denormalize, eval_preset_from
 
 __all__ = [
@@ -246,9 +248,12 @@ def screen_files(
     batch_size: int = 64,
     num_workers: int = 0,
     device: str = "auto",
+    precision: str = "fp32",
 ) -> Screening:
     """Predict every file once (inference mode, no CAM): the cheap pass that decides which images
-    are worth a CAM. Unreadable files are reported in ``errors``, never dropped silently."""
+    are worth a CAM. Unreadable files are reported in ``errors``, never dropped silently.
+    ``precision``: as for :func:`explain_files`, so that an image screened as misclassified is
+    still misclassified when it is explained."""
     root = Path(root)
     labels = list(labels) if labels is not None else [None] * len(files)
     if len(labels) != len(files):
@@ -259,6 +264,7 @@ def screen_files(
     loader = DataLoader(ds, batch_size=max(1, batch_size), shuffle=False, num_workers=num_workers, collate_fn=_as_list)
     dev = pick_device(device)
     model = model.to(dev)
+    dtype = inference_dtype(precision, dev)
     kept: list[int] = []
     probs: list[np.ndarray] = []
     errors: list[dict] = []
@@ -269,7 +275,8 @@ def screen_files(
             if not good:
                 continue
             x = torch.stack([t for _, t in good]).to(dev)
-            logits = model(x)
+            with precision_autocast(dev, dtype):
+                logits = model(x)
             probs.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
             kept += [i for i, _ in good]
     return Screening(

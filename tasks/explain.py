@@ -146,7 +146,8 @@ def validation_report(
 def check_feature_map_layers(arch: str, config: ReportConfig) -> None:
     """Before a retraining run: the layers named for the report's "Feature maps" section must
     exist in ``arch``, or the run would fail only after training. The model is built on the meta
-    device (no memory, no weights; module names do not depend on the class count)."""
+    device (no memory, no weights; module names do not depend on the class count); the few
+    architectures whose constructors read their own weights (RegNet) are built on the CPU."""
     if not (config.feature_maps and config.feature_map_layers):
         return
     import torch
@@ -154,7 +155,10 @@ def check_feature_map_layers(arch: str, config: ReportConfig) -> None:
     from cvlib.featuremaps import choose_layers
     from cvlib.models import create_model
 
-    with torch.device("meta"):
+    try:
+        with torch.device("meta"):
+            model = create_model(arch, 2, weights="none")
+    except (NotImplementedError, RuntimeError):
         model = create_model(arch, 2, weights="none")
     choose_layers(model, config.feature_map_layers)
 
@@ -172,7 +176,9 @@ def _feature_map_layers(model, config: ReportConfig) -> list[str] | None:
 def _screen_and_choose(model, meta, root, files, labels, config: ReportConfig, *, batch_size: int = 64, num_workers: int = 0):
     from cvlib.report import choose_samples, screen_files
 
-    screening = screen_files(model, meta, root, files, labels=labels, batch_size=batch_size, num_workers=num_workers)
+    screening = screen_files(
+        model, meta, root, files, labels=labels, batch_size=batch_size, num_workers=num_workers, precision=config.precision
+    )
     picked = choose_samples(screening.true_idx, screening.preds, screening.losses, config.samples, seed=config.seed)
     return screening, picked
 

@@ -145,6 +145,17 @@ def test_retrain_preflight_rejects_a_layer_the_architecture_lacks():
         check_feature_map_layers("simple_cnn", ReportConfig(feature_maps=True, feature_map_layers=["features.block9"]))
 
 
+def test_retrain_preflight_on_an_architecture_the_meta_device_cannot_build():
+    """RegNet's constructor reads its own fresh weights, which meta tensors do not have: the
+    check builds it on the CPU instead of failing a valid name."""
+    from cvlib.featuremaps import UnknownLayerError
+    from tasks.explain import check_feature_map_layers
+
+    check_feature_map_layers("regnet_y_400mf", ReportConfig(feature_maps=True, feature_map_layers=["stem"]))
+    with pytest.raises(UnknownLayerError, match="'stemm'"):
+        check_feature_map_layers("regnet_y_400mf", ReportConfig(feature_maps=True, feature_map_layers=["stemm"]))
+
+
 def test_retrain_with_a_misspelt_layer_fails_before_ingesting(on_prefect, inputs, tmp_path):
     """The report comes after training: a typo in ``report.feature_map_layers`` must not cost a run."""
     from cvlib.config import RetrainConfig

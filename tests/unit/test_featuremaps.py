@@ -10,6 +10,7 @@ from collections import OrderedDict
 import numpy as np
 import pytest
 import torch
+import torchvision
 from PIL import Image
 from torch import nn
 
@@ -333,6 +334,15 @@ def test_top_channels_by_mean_activation():
     assert top_channels(maps, 10) == [3, 1, 4, 0, 2]  # NaN last
     with pytest.raises(ValueError):
         top_channels(maps, 0)
+
+
+def test_default_layers_leave_out_auxiliary_heads_that_do_not_run_in_eval():
+    torch.manual_seed(0)
+    net = torchvision.models.googlenet(weights=None, aux_logits=True, init_weights=False, num_classes=3).eval()
+    layers = default_layers(net)
+    assert layers and not any("aux" in name.lower() for name in layers)
+    maps = feature_maps_batch(net, torch.randn(1, 3, 64, 64), layers)  # every default layer runs
+    assert len(maps) == len(layers)
 
 
 def test_default_layers_go_from_early_to_late(cnn):

@@ -410,17 +410,20 @@ def resnet50_and_photos() -> tuple[nn.Module, torch.Tensor]:
     return torchvision.models.resnet50(weights=None).eval(), _sample_photos()
 
 
-@pytest.mark.parametrize("method", ["gradcam", "gradcam++"])
-def test_agrees_with_pytorch_grad_cam_on_real_photos(method, resnet50_and_photos):
+@pytest.mark.parametrize(
+    ("method", "precision"), [("gradcam", "fp32"), ("gradcam++", "fp32"), ("gradcam", "bf16")]
+)
+def test_agrees_with_pytorch_grad_cam_on_real_photos(method, precision, resnet50_and_photos):
     """Random-init ResNet-50 (no downloads here) on the two real sklearn photos. Observed: both
     predicted class 713 and the maps are far from flat (std ~0.2), so the comparison is real;
-    our maps match pytorch-grad-cam's to ~3e-6 absolute, Pearson r = 1.0000."""
+    our maps match pytorch-grad-cam's to ~3e-6 absolute, Pearson r = 1.0000; with the bf16
+    forward the reports use, r = 0.9999."""
     pgc = pytest.importorskip("pytorch_grad_cam")
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     model, x = resnet50_and_photos
     layer = model.layer4[-1]
-    res = explain_batch(model, x, method=method)  # targets: the predicted classes
+    res = explain_batch(model, x, method=method, precision=precision)  # targets: the predicted classes
     assert res.maps.std(axis=(1, 2)).min() > 0.05, "degenerate (flat) maps: comparison would be vacuous"
 
     cls = pgc.GradCAM if method == "gradcam" else pgc.GradCAMPlusPlus
@@ -438,7 +441,7 @@ def test_agrees_with_pytorch_grad_cam_on_real_photos(method, resnet50_and_photos
 # --------------------------------------------------------------------------------------------
 
 
-def test_bf16_trunk_keeps_fp32_maps_close_to_fp32_and_restores_autocast():
+def test_bf16_forward_keeps_fp32_maps_close_to_fp32_and_restores_autocast():
     model, x = _resnet18(), _images(n=3)
     exact = explain_batch(model, x, precision="fp32")
     with torch.autocast("cpu", dtype=torch.float16, enabled=False):
@@ -472,11 +475,51 @@ def test_auto_precision_is_fp32_without_native_bf16(monkeypatch):
     )
 
 
-def test_unknown_precision_raises_before_any_work():
+def test_unknown_precision_raises_before_any_work(monkeypatch):
     model, x = _resnet18(), _images(n=1)
+    monkeypatch.setattr(model, "forward", lambda *a, **k: pytest.fail("the model ran"))
     with pytest.raises(ValueError, match="precision must be one of"):
         grad_cam(model, x, precision="int8")
-    assert not model.layer4[-1]._forward_hooks
+
+
+@pytest.mark.parametrize("name", ["layer4.0.bn2", "layer4.0.downsample", "layer4.0.conv1"])
+def test_bf16_trunk_with_a_layer_inside_a_block(name):
+    """After a mid-block layer, its siblings (the downsample branch) still get the trunk's bf16
+    tensors: the rest of the forward must stay under the same autocast."""
+    model, x = _resnet18(), _images(n=2)
+    exact = grad_cam(model, x, target_layer=name, precision="fp32")
+    fast = grad_cam(model, x, target_layer=name, precision="bf16")
+    assert fast.dtype == np.float32
+    for i in range(len(x)):
+        r = np.corrcoef(fast[i].ravel(), exact[i].ravel())[0, 1]
+        assert r > 0.98, f"{name}, image {i}: Pearson r {r:.4f}"
+
+
+class _ViewNet(nn.Module):
+    """The notebook's way to flatten: ``.view()``, which a channels-last tensor refuses."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8 * 16 * 16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.conv2(F.relu(self.conv1(x))))
+        return self.fc(x.view(x.size(0), -1))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_models_that_view_conv_outputs_still_work(precision):
+    torch.manual_seed(0)
+    model, x = _ViewNet().eval(), _images(n=2, size=16)
+    res = explain_batch(model, x, target_layer="conv2", precision=precision)
+    expected = _naive_gradcam(model, x, model.conv2, torch.as_tensor(res.targets))
+    for i in range(len(x)):
+        assert np.corrcoef(res.maps[i].ravel(), expected[i].ravel())[0, 1] > 0.99
+    drops = deletion_score(model, x, res.maps, res.targets, precision=precision)
+    assert drops["cam_drop"].shape == (2,)
+    assert not model.conv2._forward_hooks
 
 
 # --------------------------------------------------------------------------------------------
