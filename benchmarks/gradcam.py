@@ -6,8 +6,8 @@ same batch, same layer, same targets, in one run.
                                             [--precision fp32 auto]
 
 Prints a small table (median seconds per batch, maps/s) and the ratio ours / theirs, for ours
-with an fp32 trunk and with precision "auto" (the report's default: a bf16 trunk on CPUs with
-native bf16, the head, gradient and maps in fp32), each with its Pearson r against theirs. The model
+in fp32 and with precision "auto" (the report's default: the forward in bf16 on CPUs with
+native bf16; the activation, its gradient and the maps in fp32), each with its Pearson r against theirs. The model
 has random weights (no downloads here) with a fixed seed; throughput does not depend on the
 weights' values. ``--profile`` adds a torch.profiler summary of where each side spends its time.
 

@@ -148,8 +148,8 @@ class ReportConfig(_Config):
         16, ge=1, le=256, description="Channels drawn per layer and image: those with the highest mean activation."
     )
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="What the network runs in up to the Grad-CAM layer (the head, its gradient and the maps "
-        "are always fp32). auto: bf16 on CUDA and on CPUs with native bf16 (about twice as fast, maps within "
+        "auto", description="What the report's forwards run in (the explained activation, its gradient and the "
+        "maps are always fp32). auto: bf16 on CUDA and on CPUs with native bf16 (about twice as fast, maps within "
         "Pearson r 0.999 of fp32), else fp32."
     )
 
