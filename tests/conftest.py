@@ -24,9 +24,15 @@ os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ.pop("MLFLOW_REGISTRY_URI", None)
 os.environ.pop("PREFECT_API_URL", None)
 
+import prefect  # noqa: E402, F401
 import pytest  # noqa: E402
 
 from tests import servers  # noqa: E402
+
+# ``import prefect`` (above, after the environment is set) binds Prefect's console log handler
+# to the sys.stderr of that moment: here, pytest's session-long capture. Imported lazily
+# inside a test that uses ``capsys`` instead, the handler would keep capsys's stream, which is
+# closed after that test, and every later flow in the session would fail to log.
 
 BIN = Path(sys.executable).parent
 
@@ -108,6 +114,7 @@ def prefect_server(session_root: Path):
     ctx, url = _start_prefect(session_root, "prefect-sqlite")
     with ctx:
         yield url
+        _flush_prefect_logs()
 
 
 @pytest.fixture(scope="session")
@@ -118,6 +125,15 @@ def prefect_server_postgres(session_root: Path, postgres_url: str):
     )
     with ctx:
         yield url
+        _flush_prefect_logs()
+
+
+def _flush_prefect_logs() -> None:
+    """Send the flow-run logs still queued for this server before it stops (they are sent in
+    batches every few seconds; otherwise the last test's logs fail with "Error logging to API")."""
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=5)
 
 
 def mlflow_client(uri: str):

@@ -98,8 +98,8 @@ def test_cli_unknown_layer_fails_clearly_before_screening(on_prefect, inputs, ch
     real = cvlib.report.screen_files
     monkeypatch.setattr(cvlib.report, "screen_files", lambda *a, **k: screened.append(1) or real(*a, **k))
     out = tmp_path / "report.html"
-    # Not capsys: Prefect's console log handler keeps the stream it first saw, and capsys closes
-    # its stream after the test (later flows in the session would log to a closed file).
+    # Not capsys, to be safe in any test order: Prefect's console log handler keeps the stream
+    # it first saw (tests/conftest.py imports prefect early for that reason).
     buf = io.StringIO()
     with contextlib.redirect_stderr(buf):
         code = main(["explain", str(inputs), "--model", str(checkpoint), "--out", str(out), "--feature-map-layer", "layer4"])
