@@ -72,6 +72,7 @@ def report(tmp_path_factory) -> Path:
     from cvlib.report import (
         choose_samples,
         confusions_from_matrix,
+        explain_feature_maps,
         explain_files,
         render_report,
         screen_files,
@@ -103,6 +104,7 @@ def report(tmp_path_factory) -> Path:
         s = screen_files(model, meta, data, files, labels=labels)
         picked = choose_samples(s.true_idx, s.preds, s.losses, 12, seed=0)
         samples, errors = explain_files(model, meta, data, [s.files[i] for i in picked], labels=[s.labels[i] for i in picked])
+        feature_maps = explain_feature_maps(model, meta, data, samples, images=2, channels=8)
     finally:
         torch.set_num_threads(before)
     known = s.true_idx >= 0
@@ -116,7 +118,7 @@ def report(tmp_path_factory) -> Path:
                  "training_curves.png": training_curves_png([{"epoch": 1, "train_loss": 1.0, "val_loss": 1.1, "train_top1": 0.4, "val_top1": 0.3},
                                                              {"epoch": 2, "train_loss": 0.8, "val_loss": 0.9, "train_top1": 0.5, "val_top1": 0.45}])},
         errors=errors, confusions=confusions_from_matrix(cm, CLASSES), confusions_scope="over all screened images",
-        class_names=CLASSES,
+        class_names=CLASSES, feature_maps=feature_maps,
     )
     return write_report(html, root / "report.html")
 
@@ -146,7 +148,7 @@ def _dom(report: Path, tmp_path: Path, fragment: str = "") -> str:
 
 
 def _cards(dom: str) -> list[str]:
-    return re.findall(r"<article [^>]*>", dom)
+    return re.findall(r'<article class="card sample"[^>]*>', dom)
 
 
 def test_gallery_rendered_and_script_ran(report, tmp_path):
@@ -163,6 +165,13 @@ def test_gallery_rendered_and_script_ran(report, tmp_path):
     assert f'data-shown="{len(cards)}"' in body
     # Escaped data stayed text in the live DOM: no element was created from it.
     assert "<b>x</b>" not in dom and "<script>alert(1)" not in dom
+    # The optional feature-maps section rendered: 2 images x 3 default layers of PNG grids,
+    # and it holds no cards, so the filters' counts above are untouched.
+    section = re.search(r'<section id="feature-maps".*?</section>', dom, re.S)
+    assert section, "the feature-maps section is missing from the rendered page"
+    assert len(re.findall(r'<img alt="feature maps of [^"]+" src="data:image/png;base64,', section.group(0))) == 2 * 3
+    assert len(re.findall(r'<article class="fm-image"', section.group(0))) == 2
+    assert 'class="card' not in section.group(0)
 
 
 def test_only_misclassified_filter_hides_correct_cards(report, tmp_path):
