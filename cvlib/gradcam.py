@@ -240,9 +240,9 @@ def _plain_fp32_context(device: torch.device) -> Iterator[None]:
         yield
 
 
-def _trunk_dtype(precision: str, device: torch.device, model_dtype: torch.dtype) -> torch.dtype | None:
-    """The autocast dtype for the part before the target layer, or None for the model's own.
-    A model already in reduced precision runs as it is."""
+def _forward_dtype(precision: str, device: torch.device, model_dtype: torch.dtype) -> torch.dtype | None:
+    """The autocast dtype of the forward, or None for the model's own. A model already in
+    reduced precision runs as it is."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if model_dtype != torch.float32:
@@ -494,7 +494,7 @@ def explain_batch(
         # residual +=) cannot modify the leaf we differentiate against.
         return act.clone() if needs_grad else act
 
-    trunk_dtype = _trunk_dtype(precision, device, dtype)
+    forward_dtype = _forward_dtype(precision, device, dtype)
     grad_was = torch.is_grad_enabled()
     with _plain_fp32_context(device), eval_mode(model):
         x = _prepare_images(images, device, dtype)
@@ -504,7 +504,7 @@ def explain_batch(
             def forward(v: torch.Tensor) -> torch.Tensor:
                 captured.clear()  # a retried forward starts afresh
                 torch.set_grad_enabled(False)  # no autograd before the target layer
-                with autocast(device, trunk_dtype):
+                with autocast(device, forward_dtype):
                     return _logits(model(v), model)
 
             logits = _forward_any_layout(forward, x)
@@ -661,7 +661,7 @@ def deletion_score(
         raise ValueError(f"maps must be (N, H, W) = {(n, h, w)}, got {m.shape}")
     wanted = _resolve_targets(targets, n)
     device, dtype = _model_device_dtype(model)
-    forward_dtype = _trunk_dtype(precision, device, dtype)
+    forward_dtype = _forward_dtype(precision, device, dtype)
     sigma = float(blur_sigma) if blur_sigma is not None else max(2.0, min(h, w) / 16.0)
     k = max(1, round(fraction * h * w))
 

@@ -401,7 +401,7 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--feature-map-images", type=int, metavar="N", help="how many images get feature maps (the first ones, misclassified first)")
     s.add_argument("--feature-map-channels", type=int, metavar="K", help="channels shown per layer and image (the most active)")
     s.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="the network up to the Grad-CAM layer (maps are fp32 either way); default auto: bf16 where native")
+                   help="what the report's forwards run in (maps are fp32 either way); default auto: bf16 where native")
     s.set_defaults(func=cmd_explain)
 
     s = sub.add_parser("demo", help="run the whole pipeline on the bundled digits")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -44,3 +45,28 @@ def on_servers(mlflow_server, prefect_server, use_mlflow, use_prefect):
     use_prefect(prefect_server)
 
 
+
+
+DIGIT_CLASSES = [str(d) for d in range(10)]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """A small untrained SimpleCNN package for the ten digit classes (32 px): enough to run
+    scoring and reports end to end without a retraining run."""
+    import torch
+
+    from cvlib.checkpoint import save_atomic
+    from cvlib.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("simple_cnn", 10, weights="none", hidden_dim=32, dropout=0.0)
+    meta = {"arch": "simple_cnn", "class_names": DIGIT_CLASSES, "head": {"hidden_dim": 32, "dropout": 0.0},
+            "preprocessing": {"image_size": 32, "resize_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3}}
+    return save_atomic({"model": model.state_dict(), "meta": meta}, tmp_path_factory.mktemp("model") / "digits.pt")
+
+
+@pytest.fixture
+def on_prefect(prefect_server, use_prefect):
+    """This test's flows run on the session's real Prefect server."""
+    use_prefect(prefect_server)

@@ -16,8 +16,6 @@ from PIL import Image
 
 from cvlib.config import DataConfig, ReportConfig
 
-CLASSES = [str(d) for d in range(10)]
-
 
 @pytest.fixture(scope="module")
 def inputs(digits_dir, tmp_path_factory) -> Path:
@@ -28,25 +26,6 @@ def inputs(digits_dir, tmp_path_factory) -> Path:
         for src in sorted((digits_dir / digit).glob("*.png"))[:3]:
             (root / digit / src.name).write_bytes(src.read_bytes())
     return root
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    import torch
-
-    from cvlib.checkpoint import save_atomic
-    from cvlib.models import create_model
-
-    torch.manual_seed(0)
-    model = create_model("simple_cnn", 10, weights="none", hidden_dim=32, dropout=0.0)
-    meta = {"arch": "simple_cnn", "class_names": CLASSES, "head": {"hidden_dim": 32, "dropout": 0.0},
-            "preprocessing": {"image_size": 32, "resize_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3}}
-    return save_atomic({"model": model.state_dict(), "meta": meta}, tmp_path_factory.mktemp("model") / "digits.pt")
-
-
-@pytest.fixture
-def on_prefect(prefect_server, use_prefect):
-    use_prefect(prefect_server)
 
 
 def _section(html: str) -> str:
