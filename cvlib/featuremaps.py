@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from cvlib.atomic import atomic_write
+from cvlib.gradcam import tokens_to_grid
 from cvlib.models import eval_mode
 
 __all__ = [
@@ -133,17 +134,20 @@ def choose_layers(model: nn.Module, layers: Sequence[str] | None = None) -> list
 
 
 def _layer(model: nn.Module, layer: str) -> nn.Module:
-    modules = dict(model.named_modules())
-    if not isinstance(layer, str) or not layer or layer not in modules:
-        names = conv_layer_names(model)
-        listing = ", ".join(names) if names else "(none: the model has no Conv2d)"
-        close = difflib.get_close_matches(layer, [n for n in modules if n], n=3) if isinstance(layer, str) else []
-        hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
-        raise UnknownLayerError(
-            f"{type(model).__name__} has no layer named {layer!r}; its convolutional layers are: {listing} "
-            f"(any name from model.named_modules() whose output is a (N, C, H, W) map also works).{hint}"
-        )
-    return modules[layer]
+    if isinstance(layer, str) and layer:
+        try:
+            return model.get_submodule(layer)  # also a shared module's second name
+        except AttributeError:
+            pass
+    names = conv_layer_names(model)
+    listing = ", ".join(names) if names else "(none: the model has no Conv2d)"
+    known = [n for n, _ in model.named_modules() if n]
+    close = difflib.get_close_matches(layer, known, n=3) if isinstance(layer, str) else []
+    hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
+    raise UnknownLayerError(
+        f"{type(model).__name__} has no layer named {layer!r}; its convolutional layers are: {listing} "
+        f"(any name from model.named_modules() whose output is a (N, C, H, W) map also works).{hint}"
+    )
 
 
 def _as_maps(out: object, layer: str) -> torch.Tensor:
@@ -157,12 +161,10 @@ def _as_maps(out: object, layer: str) -> torch.Tensor:
     if out.dim() == 4:
         return out
     if out.dim() == 3:
-        tokens = out.shape[1]
-        for skip in (1, 0):  # a class token first, as in torchvision's ViT; then none
-            grid = tokens - skip
-            side = math.isqrt(grid) if grid > 0 else 0
-            if side and side * side == grid:
-                return out[:, skip:].transpose(1, 2).reshape(out.shape[0], out.shape[2], side, side)
+        try:
+            return tokens_to_grid(out)
+        except ValueError:
+            pass  # no square grid: not a map, said below
     raise ValueError(
         f"layer {layer!r} outputs shape {tuple(out.shape)}, not a spatial (N, C, H, W) map; "
         "choose a convolutional layer (see conv_layer_names(model))"

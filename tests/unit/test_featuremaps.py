@@ -402,3 +402,27 @@ def test_a_dollar_in_a_title_is_text_not_mathtext(tmp_path):
     """File names reach the title of ``visionflow featuremaps``; ``$x^$`` used to crash mathtext."""
     render_feature_maps(torch.rand(3, 4, 4), tmp_path / "t.png", title="img_$x^$.png")
     assert (tmp_path / "t.png").is_file()
+
+
+class _Aliased(nn.Module):
+    """One conv registered under two names: named_modules() lists only the first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.alias = self.conv
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.conv(x).mean(dim=(2, 3)))
+
+
+def test_a_shared_module_is_found_by_its_second_name_too():
+    torch.manual_seed(0)
+    model, x = _Aliased().eval(), torch.randn(2, 3, 8, 8)
+    assert "alias" not in dict(model.named_modules())
+    assert choose_layers(model, ["alias"]) == ["alias"]
+    maps = feature_maps_batch(model, x, ["alias", "conv"])
+    assert torch.equal(maps["alias"], maps["conv"]) and maps["alias"].shape == (2, 4, 8, 8)
+    with pytest.raises(UnknownLayerError, match="Did you mean 'conv'"):
+        choose_layers(model, ["conv1"])
