@@ -135,6 +135,7 @@ def start() -> dict:
                 _kill(proc.pid)
                 raise RuntimeError(f"the Prefect server did not answer within {START_TIMEOUT_S}s; see {log}")
             time.sleep(0.3)
+        touch()  # the start-up itself (~15 s) is not idle time
         info = {"pid": proc.pid, "api_url": api_url, "ui_url": f"http://{HOST}:{port}", "log": str(log), "prefect_home": str(home)}
         _state_file().write_text(json.dumps(info, indent=2))
         return info
