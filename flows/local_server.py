@@ -58,9 +58,7 @@ def _last_used_file() -> Path:
 
 def touch() -> None:
     """Record that a command uses the server now (its mtime is what the supervisor reads)."""
-    path = _last_used_file()
-    path.touch()
-    os.utime(path)
+    _last_used_file().touch()  # creates it, or sets its mtime to now
 
 
 def idle_seconds_allowed() -> float | None:
