@@ -22,8 +22,8 @@ BIN = Path(sys.executable).parent
 
 
 def make_checkpoint(root: Path) -> Path:
-    from cvlib.checkpoint import save_atomic
-    from cvlib.models import create_model
+    from cvlib.models.factory import create_model
+    from cvlib.training.checkpoint import save_atomic
 
     model = create_model("simple_cnn", 10, weights="none", hidden_dim=32)
     meta = {
@@ -47,7 +47,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    from cvlib.demo_data import write_digits
+    from cvlib.data.demo import write_digits
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

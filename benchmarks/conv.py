@@ -25,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 
-from cvlib.conv import conv2d, conv2d_naive  # noqa: E402
+from cvlib.toolkit.conv import conv2d, conv2d_naive  # noqa: E402
 
 TARGET_SPEEDUP = 50.0
 

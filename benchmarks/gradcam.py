@@ -1,4 +1,4 @@
-"""Grad-CAM throughput: cvlib.gradcam.grad_cam against pytorch-grad-cam's GradCAM, same model,
+"""Grad-CAM throughput: cvlib.explain.gradcam.grad_cam against pytorch-grad-cam's GradCAM, same model,
 same batch, same layer, same targets, in one run.
 
     .venv/bin/python benchmarks/gradcam.py [--model resnet50] [--batch 8] [--size 224]
@@ -33,8 +33,8 @@ import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cvlib.gradcam import grad_cam
-from cvlib.precision import PRECISIONS, cpu_supports_bf16, inference_dtype
+from cvlib.explain.gradcam import grad_cam
+from cvlib.models.precision import PRECISIONS, cpu_supports_bf16, inference_dtype
 
 
 def _time_interleaved(
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     x = torch.randn(args.batch, 3, args.size, args.size, generator=torch.Generator().manual_seed(args.seed))
     layer = model.layer4[-1] if hasattr(model, "layer4") else None
     if layer is None:
-        from cvlib.gradcam import default_target_layer
+        from cvlib.explain.gradcam import default_target_layer
 
         layer = default_target_layer(model)
     with torch.no_grad():
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.profile:
         for p, fn in ours.items():
-            _profile(f"cvlib.gradcam.grad_cam precision={p}", fn)
+            _profile(f"cvlib.explain.gradcam.grad_cam precision={p}", fn)
         _profile("pytorch-grad-cam GradCAM", theirs)
         model.zero_grad(set_to_none=True)
     cam.activations_and_grads.release()

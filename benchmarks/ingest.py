@@ -40,9 +40,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from PIL import Image, ImageEnhance
 from sklearn.datasets import load_sample_images
 
-from cvlib.config import DataConfig
-from cvlib.imageio import is_image_name
-from cvlib.ingest import GROUP_REASONS, build_manifest, summarize
+from cvlib.data.imageio import is_image_name
+from cvlib.data.ingest import GROUP_REASONS, build_manifest, summarize
+from cvlib.data.options import DataConfig
 
 CLASSES = ("harbour", "temple", "petals", "garden")
 MARKER = ".bench-complete.json"  # hidden: ingestion skips it; lets --keep reuse a folder

@@ -8,13 +8,13 @@ not depend on its weights):
 
 * **loop**: what a notebook does: one image at a time, fp32, full Pillow decode,
   ``Resize(256) + CenterCrop(224)``, softmax + top-5, rows collected in a list.
-* **pipeline**: :func:`cvlib.predict.score_to_parts`, the engine behind ``visionflow score``:
+* **pipeline**: :func:`cvlib.inference.predict.score_to_parts`, the engine behind ``visionflow score``:
   files -> DataLoader workers (read, sha256, JPEG draft decode, resize, crop, normalise, stack)
   -> batched model (channels_last, BatchNorm folded into the convolutions, bf16 autocast where
   the CPU has native bf16) -> writer thread -> Parquet part files renamed into place. Timed end
   to end: worker start-up, the model's first (warm-up) batch and the last write included.
   ``--loader threads`` decodes in threads instead of DataLoader worker processes.
-* **model-only bound**: the same model, folding and precision (:class:`cvlib.predict.ModelRunner`)
+* **model-only bound**: the same model, folding and precision (:class:`cvlib.inference.predict.ModelRunner`)
   on in-memory tensors, batch 32, after one warm-up batch: no file is read, nothing is written.
   The pipeline cannot beat it in steady state, so ``pipeline / bound`` is the share of the
   machine that decoding, writing and start-up leave to the model.
@@ -138,10 +138,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from cvlib.models import pick_device
-    from cvlib.precision import inference_dtype
-    from cvlib.predict import ModelRunner, ScoringOptions, read_predictions, score_to_parts
-    from cvlib.zoo import imagenet_model
+    from cvlib.inference.predict import ModelRunner, ScoringOptions, read_predictions, score_to_parts
+    from cvlib.models.factory import pick_device
+    from cvlib.models.precision import inference_dtype
+    from cvlib.models.zoo import imagenet_model
 
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}")

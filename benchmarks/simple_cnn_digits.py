@@ -4,9 +4,9 @@ Run: ``.venv/bin/python benchmarks/simple_cnn_digits.py`` (target: >= 97% valida
 under 120 s of training on 2 CPU cores; ``--recipe cli`` trains with what the CLI flags below
 can set, everything else at visionflow's defaults).
 
-It calls :func:`cvlib.train.fit` directly (no Prefect, no MLflow), so the figure is the training
+It calls :func:`cvlib.training.fit.fit` directly (no Prefect, no MLflow), so the figure is the training
 loop's own cost. The data are written exactly as ``visionflow demo-data DIR`` writes them (64 px
-PNGs) and ingested with :func:`cvlib.ingest.build_manifest`, so the split is the one the retrain
+PNGs) and ingested with :func:`cvlib.data.ingest.build_manifest`, so the split is the one the retrain
 flow uses. The nearest the CLI comes:
 
     visionflow retrain DIR --arch simple_cnn --weights none --image-size 32 --epochs 10 \\
@@ -60,7 +60,9 @@ def simple_cnn_digits_config(*, epochs: int = 10, num_workers: int = 0, seed: in
     * ``num_workers=0``: decoding a 64 px PNG costs less than a worker process's start-up and
       IPC on a 2-core machine.
     """
-    from cvlib.config import AugmentConfig, RetrainConfig, TrainConfig
+    from cvlib.config import RetrainConfig
+    from cvlib.data.options import AugmentConfig
+    from cvlib.training.options import TrainConfig
 
     return RetrainConfig(
         model_name="simple-cnn-digits",
@@ -118,10 +120,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from cvlib.config import DataConfig
-    from cvlib.demo_data import write_digits
-    from cvlib.ingest import build_manifest, class_names
-    from cvlib.train import fit
+    from cvlib.data.demo import write_digits
+    from cvlib.data.ingest import build_manifest, class_names
+    from cvlib.data.options import DataConfig
+    from cvlib.training.fit import fit
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -9,7 +9,7 @@ step, on a batch already in memory), side by side in one run.
 It writes ``--images`` JPEGs of 500x375 (smooth colour fields with texture, quality 90) to a
 temporary folder, then runs visionflow's own pieces: ``ManifestDataset`` with the training draft
 size, the default ``TrainPreset`` (random resized crop, flip, rotation, colour jitter),
-``EpochSampler`` + persistent workers, and ``cvlib.train._Step`` (AdamW, warm-up + cosine, label
+``EpochSampler`` + persistent workers, and ``cvlib.training.fit._Step`` (AdamW, warm-up + cosine, label
 smoothing, grad clipping, channels_last) on a randomly initialised ResNet-50.
 
 CPU (always): ``--size`` px (128 by default so that a run stays within ~3 minutes on two cores),
@@ -43,12 +43,13 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cvlib.config import AugmentConfig, TrainConfig
-from cvlib.data import CudaPrefetcher, EpochSampler, ManifestDataset, make_loader
-from cvlib.models import create_model
-from cvlib.precision import autocast_dtype, needs_grad_scaler
-from cvlib.train import _scheduler, _Step, phase_param_groups, train_draft_size
-from cvlib.transforms import train_preset
+from cvlib.data.datasets import CudaPrefetcher, EpochSampler, ManifestDataset, make_loader
+from cvlib.data.options import AugmentConfig
+from cvlib.data.transforms import train_preset
+from cvlib.models.factory import create_model
+from cvlib.models.precision import autocast_dtype, needs_grad_scaler
+from cvlib.training.fit import _scheduler, _Step, phase_param_groups, train_draft_size
+from cvlib.training.options import TrainConfig
 
 CLASSES = 10
 

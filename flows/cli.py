@@ -23,7 +23,7 @@ def build_retrain_config(args: argparse.Namespace):
     """Defaults of :class:`cvlib.config.RetrainConfig`, then ``--config FILE`` (JSON, any subset
     of the fields), then the individual options; validated as a whole."""
     from cvlib.config import RetrainConfig, merge_into
-    from cvlib.models import CUSTOM_ARCHS
+    from cvlib.models.factory import CUSTOM_ARCHS
 
     data = RetrainConfig().model_dump()
     if args.config:
@@ -63,7 +63,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_demo_data(args: argparse.Namespace) -> int:
-    from cvlib.demo_data import write_digits
+    from cvlib.data.demo import write_digits
 
     counts = write_digits(args.dir, size=args.size, per_class=args.per_class)
     print(f"wrote {sum(counts.values())} digit images in {len(counts)} classes to {Path(args.dir).resolve()}")
@@ -71,8 +71,8 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
-    from cvlib.config import DataConfig
-    from cvlib.ingest import build_manifest, dataset_hash, summarize, write_manifest
+    from cvlib.data.ingest import build_manifest, dataset_hash, summarize, write_manifest
+    from cvlib.data.options import DataConfig
 
     t0 = time.perf_counter()
     data_dir = _existing(args.data_dir, "data folder", folder=True)
@@ -86,7 +86,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 
 def _preflight_weights(config) -> str:
-    from cvlib.models import WeightsUnavailableError, check_weights
+    from cvlib.models.factory import WeightsUnavailableError, check_weights
 
     try:
         return check_weights(config.train.arch, config.train.weights)
@@ -145,7 +145,7 @@ def _print_retrain(result: dict) -> None:
 
 def _score_input(spec: str, root: str | None) -> str:
     """A folder, a glob, a list of paths or a manifest: resolved now, so a typo costs a second."""
-    from cvlib.inputs import InputSpecError, is_glob, resolve_inputs
+    from cvlib.inference.inputs import InputSpecError, is_glob, resolve_inputs
 
     p = Path(spec).expanduser()
     if not p.exists() and not is_glob(spec):
@@ -161,14 +161,14 @@ def _score_input(spec: str, root: str | None) -> str:
 
 def _score_model(uri: str, weights: str | None) -> tuple[str, str]:
     """(model URI, weights); a torchvision model's weights are checked before Prefect starts."""
-    from cvlib.zoo import is_zoo_uri, zoo_arch
+    from cvlib.models.zoo import is_zoo_uri, zoo_arch
 
     if not is_zoo_uri(uri):
         if weights is not None:
             raise CliError("--weights applies to torchvision/ARCH models only; a registered model or checkpoint has its own")
         return _model_ref(uri), "DEFAULT"
-    from cvlib.models import WeightsUnavailableError, check_weights
-    from cvlib.zoo import zoo_version
+    from cvlib.models.factory import WeightsUnavailableError, check_weights
+    from cvlib.models.zoo import zoo_version
 
     weights = weights or "DEFAULT"
     try:
@@ -183,7 +183,7 @@ def _score_model(uri: str, weights: str | None) -> tuple[str, str]:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from cvlib.config import ScoreConfig
+    from cvlib.inference.options import ScoreConfig
 
     input_spec = _score_input(args.input, args.root)
     model_uri, weights = _score_model(args.model, args.weights)
@@ -212,7 +212,7 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from cvlib.config import ReportConfig
+    from cvlib.explain.options import ReportConfig
 
     input_dir, model_uri = _existing(args.input, "input"), _model_ref(args.model)
     # Only the options given: the defaults live in ReportConfig. Naming a layer asks for the section.
@@ -231,9 +231,12 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """The whole pipeline on the bundled digits: data, retrain, score, explain."""
-    from cvlib.config import AugmentConfig, RetrainConfig, ScoreConfig, TrainConfig
-    from cvlib.demo_data import write_digits
-    from cvlib.models import WeightsUnavailableError, check_weights
+    from cvlib.config import RetrainConfig
+    from cvlib.data.demo import write_digits
+    from cvlib.data.options import AugmentConfig
+    from cvlib.inference.options import ScoreConfig
+    from cvlib.models.factory import WeightsUnavailableError, check_weights
+    from cvlib.training.options import TrainConfig
     from tasks.environment import mlflow_tracking_uri, visionflow_home
 
     home = visionflow_home()
@@ -291,7 +294,7 @@ def cmd_server(args: argparse.Namespace) -> int:
 
 
 def cmd_kernels(args: argparse.Namespace) -> int:
-    from cvlib.kernels import render_gallery
+    from cvlib.toolkit.kernels import render_gallery
 
     out = render_gallery(args.image, args.out)
     print(f"kernel gallery: {Path(out).resolve()}")
@@ -302,10 +305,10 @@ def cmd_featuremaps(args: argparse.Namespace) -> int:
     """One layer's feature maps for one image, as a PNG grid. No Prefect flow: a quick look
     should start in a second, and only a models:/ URI pays for importing MLflow."""
     image, model_ref = _existing(args.image, "image"), _model_ref(args.model)
-    from cvlib.checkpoint import load_package
-    from cvlib.featuremaps import feature_maps, render_feature_maps
-    from cvlib.imageio import ImageReadError, load_rgb
-    from cvlib.transforms import eval_preset_from
+    from cvlib.data.imageio import ImageReadError, load_rgb
+    from cvlib.data.transforms import eval_preset_from
+    from cvlib.explain.featuremaps import feature_maps, render_feature_maps
+    from cvlib.training.checkpoint import load_package
 
     if model_ref.startswith("models:/"):
         from tasks.registry import resolve_model
@@ -446,9 +449,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # known user-facing failures read as one line, not a traceback
         from pydantic import ValidationError
 
-        from cvlib.featuremaps import UnknownLayerError
-        from cvlib.ingest import DataSetError
-        from cvlib.models import WeightsUnavailableError
+        from cvlib.data.ingest import DataSetError
+        from cvlib.explain.featuremaps import UnknownLayerError
+        from cvlib.models.factory import WeightsUnavailableError
 
         if isinstance(exc, (DataSetError, UnknownLayerError, WeightsUnavailableError, FileNotFoundError, ValidationError)):
             print(f"error: {exc}", file=sys.stderr)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prefect import flow
 
-from cvlib.config import ReportConfig
+from cvlib.explain.options import ReportConfig
 from flows.naming import run_name
 from tasks.explain import explain_folder
 

@@ -34,7 +34,7 @@ from prefect import flow
 from prefect.futures import wait
 from prefect.utilities.annotations import unmapped
 
-from cvlib.config import ScoreConfig
+from cvlib.inference.options import ScoreConfig
 from flows.naming import run_name
 from tasks.score import (
     BatchScoreResult,

@@ -1,7 +1,7 @@
 """Explanation stage: Grad-CAM report for a set of images and a model.
 
 Both tasks screen their candidates in one cheap pass (no CAM), choose the images worth a CAM
-(misclassified first, stratified across classes: :func:`cvlib.report.choose_samples`), explain
+(misclassified first, stratified across classes: :func:`cvlib.explain.report.choose_samples`), explain
 only those, and write one self-contained HTML file; with ``config.feature_maps``, the first few
 explained images also get a "Feature maps" section (layer names checked as soon as the model is
 loaded, before the screening pass). A Prefect link artifact points at the report
@@ -17,7 +17,7 @@ from pathlib import Path
 from prefect import task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
-from cvlib.config import ReportConfig
+from cvlib.explain.options import ReportConfig
 from tasks.log import run_logger
 from tasks.records import IngestResult
 from tasks.registry import resolve_model
@@ -35,10 +35,10 @@ def explain_folder(input_dir: str, model_uri: str, out: str, config: ReportConfi
     """Report on a folder. Labels are read from class sub-folders when their names are classes;
     labelled images are screened first so the report shows the misclassified ones and the
     confusions over every screened image."""
-    from cvlib.checkpoint import load_package
-    from cvlib.metrics import classification_metrics
-    from cvlib.predict import list_input_files
-    from cvlib.report import confusions_from_matrix
+    from cvlib.explain.report import confusions_from_matrix
+    from cvlib.inference.predict import list_input_files
+    from cvlib.training.checkpoint import load_package
+    from cvlib.training.metrics import classification_metrics
 
     local, version = resolve_model(model_uri)
     model, meta = load_package(local)
@@ -99,9 +99,9 @@ def validation_report(
     """Report on the validation split, for the retraining run: the whole split is screened, the
     chosen images get CAMs, and the validation stage's figures and confusion matrix (over the
     whole split, from ``evaluation_dir/val_metrics.json``) are embedded."""
-    from cvlib.checkpoint import model_from_checkpoint
-    from cvlib.ingest import read_manifest
-    from cvlib.report import confusions_from_matrix, load_evaluation
+    from cvlib.data.ingest import read_manifest
+    from cvlib.explain.report import confusions_from_matrix, load_evaluation
+    from cvlib.training.checkpoint import model_from_checkpoint
 
     manifest = read_manifest(ingest.manifest_path)
     val = manifest[(manifest["status"] == "ok") & (manifest["split"] == "val")]
@@ -116,7 +116,7 @@ def validation_report(
         per_class = val_metrics.get("per_class")
         total = sum(map(sum, val_metrics["confusion_matrix"]))
     else:  # no validation stage output: the screening pass covered the whole split as well
-        from cvlib.metrics import classification_metrics
+        from cvlib.training.metrics import classification_metrics
 
         labelled = screening.labelled
         rep = classification_metrics(screening.true_idx[labelled], screening.probs[labelled], meta["class_names"]) if labelled.any() else None
@@ -152,8 +152,8 @@ def check_feature_map_layers(arch: str, config: ReportConfig) -> None:
         return
     import torch
 
-    from cvlib.featuremaps import choose_layers
-    from cvlib.models import create_model
+    from cvlib.explain.featuremaps import choose_layers
+    from cvlib.models.factory import create_model
 
     try:
         with torch.device("meta"):
@@ -168,13 +168,13 @@ def _feature_map_layers(model, config: ReportConfig) -> list[str] | None:
     the model now, so a misspelt layer fails before the screening pass, not after it."""
     if not config.feature_maps:
         return None
-    from cvlib.featuremaps import choose_layers
+    from cvlib.explain.featuremaps import choose_layers
 
     return choose_layers(model, config.feature_map_layers)
 
 
 def _screen_and_choose(model, meta, root, files, labels, config: ReportConfig, *, batch_size: int = 64, num_workers: int = 0):
-    from cvlib.report import choose_samples, screen_files
+    from cvlib.explain.report import choose_samples, screen_files
 
     screening = screen_files(
         model, meta, root, files, labels=labels, batch_size=batch_size, num_workers=num_workers, precision=config.precision
@@ -229,7 +229,7 @@ def _md(text: object) -> str:
 def _write(model, meta, root, screening, picked, out, config: ReportConfig, *, title, subtitle, summary, metrics,
            confusions, confusions_scope, per_class, sampling, artifact_key, figures=None, run_id=None,
            feature_map_layers: list[str] | None = None) -> str:
-    from cvlib.report import (
+    from cvlib.explain.report import (
         explain_feature_maps,
         explain_files,
         faithfulness_summary,

@@ -8,8 +8,7 @@ from pathlib import Path
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
 
-from cvlib.config import DataConfig
-from cvlib.ingest import (
+from cvlib.data.ingest import (
     build_manifest,
     check_trainable,
     class_names,
@@ -17,6 +16,7 @@ from cvlib.ingest import (
     summarize,
     write_manifest,
 )
+from cvlib.data.options import DataConfig
 from tasks.environment import visionflow_home
 from tasks.log import run_logger
 from tasks.records import IngestResult

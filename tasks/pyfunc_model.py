@@ -17,12 +17,12 @@ from mlflow.pyfunc import PythonModel
 
 class VisionflowClassifier(PythonModel):
     def load_context(self, context) -> None:
-        from cvlib.checkpoint import load_package
+        from cvlib.training.checkpoint import load_package
 
         self.model, self.meta = load_package(context.artifacts["package"])
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
-        from cvlib.predict import predict_sources
+        from cvlib.inference.predict import predict_sources
 
         if "path" in model_input.columns:
             sources = [str(p) for p in model_input["path"]]

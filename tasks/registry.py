@@ -16,7 +16,8 @@ from typing import Any
 
 from prefect import task
 
-from cvlib.config import GateConfig, RetrainConfig, flatten
+from cvlib.config import RetrainConfig, flatten
+from cvlib.promotion import GateConfig
 from tasks.environment import mlflow_artifact_root, mlflow_tracking_uri, visionflow_home
 from tasks.log import run_logger
 from tasks.records import IngestResult, RegisteredVersion, Validation
@@ -155,7 +156,7 @@ def register_model(
     import mlflow
 
     import cvlib
-    from cvlib.checkpoint import model_from_checkpoint, save_package
+    from cvlib.training.checkpoint import model_from_checkpoint, save_package
 
     logger = run_logger()
     existing = _find_version_for_run(model_name, run_id)
@@ -229,10 +230,10 @@ def _champion_version(name: str):
 def _score_champion(champion, ingest: IngestResult, metric: str, batch_size: int, num_workers: int) -> tuple[float | None, str | None]:
     """Re-evaluate the champion on the challenger's validation split: scores recorded at its own
     training time came from another split and are not comparable. Returns (score, why not)."""
-    from cvlib.checkpoint import load_package
-    from cvlib.evaluate import evaluate_split
-    from cvlib.ingest import read_manifest
-    from cvlib.metrics import classification_metrics
+    from cvlib.data.ingest import read_manifest
+    from cvlib.training.checkpoint import load_package
+    from cvlib.training.evaluate import evaluate_split
+    from cvlib.training.metrics import classification_metrics
 
     local, _ = resolve_model(f"models:/{champion.name}/{champion.version}")
     model, meta = load_package(local)

@@ -28,7 +28,7 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel, Field
 
-from cvlib.config import ScoreConfig
+from cvlib.inference.options import ScoreConfig
 from tasks.log import run_logger
 from tasks.records import ScoreResult
 from tasks.registry import resolve_model
@@ -37,7 +37,7 @@ PROGRESS_DIR = "progress"
 
 
 class ScoringEngine(BaseModel):
-    """How the scoring engine runs (see :class:`cvlib.predict.ScoringOptions`)."""
+    """How the scoring engine runs (see :class:`cvlib.inference.predict.ScoringOptions`)."""
 
     compile: bool = Field(False, description="torch.compile the model (slow start, faster steady state on GPUs).")
     gpu_decode: Literal["auto", "on", "off"] = Field("auto", description="Decode JPEGs with nvJPEG on CUDA (auto: when CUDA is used).")
@@ -94,9 +94,9 @@ MODELS_KEPT = 2  # a long-lived worker serving many versions keeps only the late
 
 
 def resolve_model_ref(model_uri: str, weights: str | None = "DEFAULT") -> tuple[str, str]:
-    """(local path or zoo URI, version): ``torchvision/ARCH`` goes to :mod:`cvlib.zoo`, the rest to
+    """(local path or zoo URI, version): ``torchvision/ARCH`` goes to :mod:`cvlib.models.zoo`, the rest to
     :func:`tasks.registry.resolve_model` (aliases resolved to a version first)."""
-    from cvlib.zoo import is_zoo_uri, zoo_arch, zoo_version
+    from cvlib.models.zoo import is_zoo_uri, zoo_arch, zoo_version
 
     if is_zoo_uri(model_uri):
         return model_uri, zoo_version(zoo_arch(model_uri), weights)
@@ -133,8 +133,8 @@ def load_model(model_local: str, model_version: str, *, model_uri: str = "", wei
         if key in _MODELS:
             _MODELS.move_to_end(key)
         else:
-            from cvlib.checkpoint import load_package
-            from cvlib.zoo import imagenet_model, is_zoo_uri, zoo_arch
+            from cvlib.models.zoo import imagenet_model, is_zoo_uri, zoo_arch
+            from cvlib.training.checkpoint import load_package
 
             if is_zoo_uri(model_local):
                 model, meta = imagenet_model(zoo_arch(model_local), weights)
@@ -153,7 +153,7 @@ def load_model(model_local: str, model_version: str, *, model_uri: str = "", wei
 
 
 def _write_shard_list(path: Path, files: list[str]) -> str:
-    from cvlib.atomic import write_bytes_atomic
+    from cvlib.files.atomic import write_bytes_atomic
 
     write_bytes_atomic(path, json.dumps(files).encode())  # JSON: any file name survives
     return str(path)
@@ -167,8 +167,8 @@ def _read_shard_list(path: str) -> list[str]:
 def plan_scoring(
     input_spec: str, model_uri: str, out: str, *, weights: str | None = "DEFAULT", shards: int = 1, root: str | None = None
 ) -> ScoringPlan:
-    from cvlib.inputs import resolve_inputs
-    from cvlib.predict import clean_stale_temps, output_layout, shard_files
+    from cvlib.inference.inputs import resolve_inputs
+    from cvlib.inference.predict import clean_stale_temps, output_layout, shard_files
 
     logger = run_logger()
     inputs = resolve_inputs(input_spec, root=root)
@@ -222,7 +222,7 @@ class _ProgressFile:
 @task(name="score-shard", retries=1, retry_delay_seconds=5)
 def score_shard(plan: ScoringPlan, shard: int, config: ScoreConfig, engine: ScoringEngine) -> ShardResult:
     """Score one shard into part files; a retry (or a rerun) resumes where the parts stop."""
-    from cvlib.predict import OutputLayout, ScoringOptions, score_to_parts
+    from cvlib.inference.predict import OutputLayout, ScoringOptions, score_to_parts
 
     logger = run_logger()
     files = _read_shard_list(plan.shard_lists[shard])
@@ -264,8 +264,8 @@ def read_progress(plan: ScoringPlan) -> int:
 def _job_metadata(layout, plan: ScoringPlan, config: ScoreConfig) -> tuple[list[str], dict]:
     """Class list and scoring configuration for the single file: from the parts this job wrote
     (they record the engine's device and precision too), else from the model."""
-    from cvlib.parquet import read_metadata
-    from cvlib.predict import META_CLASS_NAMES, META_SCORING
+    from cvlib.files.parquet import read_metadata
+    from cvlib.inference.predict import META_CLASS_NAMES, META_SCORING
 
     for source in layout.sources():
         meta = read_metadata(source)
@@ -282,7 +282,7 @@ def _job_metadata(layout, plan: ScoringPlan, config: ScoreConfig) -> tuple[list[
 def finish_scoring(plan: ScoringPlan, results: list[ShardResult], config: ScoreConfig, seconds: float) -> BatchScoreResult:
     """Write the single file (or compact the dataset), check every input has exactly one row,
     count the rows and publish the summary."""
-    from cvlib.predict import OutputLayout, compact_parts, finalize_single_file, read_predictions
+    from cvlib.inference.predict import OutputLayout, compact_parts, finalize_single_file, read_predictions
 
     logger = run_logger()
     layout = OutputLayout(Path(plan.target), plan.single_file, Path(plan.parts_dir))

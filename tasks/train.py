@@ -9,7 +9,7 @@ from prefect import task
 from prefect.artifacts import create_table_artifact
 
 from cvlib.config import RetrainConfig
-from cvlib.ingest import read_manifest
+from cvlib.data.ingest import read_manifest
 from tasks.log import run_logger
 from tasks.records import IngestResult, TrainResult, Validation
 from tasks.registry import log_artifact, log_artifacts, log_metrics, set_run_tag, system_metrics
@@ -20,7 +20,7 @@ from tasks.registry import log_artifact, log_artifacts, log_metrics, set_run_tag
 def fine_tune(ingest: IngestResult, config: RetrainConfig, checkpoint_dir: str, run_id: str) -> TrainResult:
     """Train with per-epoch metrics in MLflow. Resumes from ``checkpoint_dir/last.pt`` when a
     previous attempt died, since Prefect does not retry crashed runs by itself."""
-    from cvlib.train import EpochRecord, fit
+    from cvlib.training.fit import EpochRecord, fit
 
     logger = run_logger()
     _log_augmentation_preview(ingest, config, checkpoint_dir, run_id)
@@ -61,9 +61,9 @@ def fine_tune(ingest: IngestResult, config: RetrainConfig, checkpoint_dir: str, 
 def _log_augmentation_preview(ingest: IngestResult, config: RetrainConfig, out_dir: str, run_id: str) -> None:
     """One training image and what the augmentation makes of it: the first thing to check when
     a run learns nothing."""
-    from cvlib.imageio import load_rgb
-    from cvlib.preview import augmentation_preview
-    from cvlib.transforms import train_preset
+    from cvlib.data.imageio import load_rgb
+    from cvlib.data.preview import augmentation_preview
+    from cvlib.data.transforms import train_preset
 
     manifest = read_manifest(ingest.manifest_path)
     train = manifest[(manifest["status"] == "ok") & (manifest["split"] == "train")]
@@ -82,10 +82,10 @@ def validate(ingest: IngestResult, checkpoint: str, run_id: str, history: list[d
     one): the numbers the gate compares, with the figures a reviewer looks at."""
     import json
 
-    from cvlib.checkpoint import model_from_checkpoint
-    from cvlib.evaluate import evaluate_split
-    from cvlib.metrics import classification_metrics
-    from cvlib.plots import (
+    from cvlib.training.checkpoint import model_from_checkpoint
+    from cvlib.training.evaluate import evaluate_split
+    from cvlib.training.metrics import classification_metrics
+    from cvlib.training.plots import (
         confusion_matrix_png,
         per_class_f1_png,
         reliability_png,

@@ -51,7 +51,7 @@ def session_root() -> Path:
 @pytest.fixture(scope="session")
 def digits_dir(session_root: Path) -> Path:
     """A small real data set: 12 handwritten digits per class, 32 px."""
-    from cvlib.demo_data import write_digits
+    from cvlib.data.demo import write_digits
 
     out = session_root / "digits"
     write_digits(out, size=32, per_class=12)

@@ -67,9 +67,7 @@ def _image(rng: np.random.Generator, shape: str) -> bytes:
 @pytest.fixture(scope="module")
 def report(tmp_path_factory) -> Path:
     """A real report: a tiny random CNN, screened and explained images, figures, confusions."""
-    from cvlib.models import create_model
-    from cvlib.plots import confusion_matrix_png, training_curves_png
-    from cvlib.report import (
+    from cvlib.explain.report import (
         choose_samples,
         confusions_from_matrix,
         explain_feature_maps,
@@ -78,6 +76,8 @@ def report(tmp_path_factory) -> Path:
         screen_files,
         write_report,
     )
+    from cvlib.models.factory import create_model
+    from cvlib.training.plots import confusion_matrix_png, training_curves_png
 
     root = tmp_path_factory.mktemp("browser-report")
     data = root / "images"

@@ -56,8 +56,8 @@ def checkpoint(tmp_path_factory) -> Path:
     scoring and reports end to end without a retraining run."""
     import torch
 
-    from cvlib.checkpoint import save_atomic
-    from cvlib.models import create_model
+    from cvlib.models.factory import create_model
+    from cvlib.training.checkpoint import save_atomic
 
     torch.manual_seed(0)
     model = create_model("simple_cnn", 10, weights="none", hidden_dim=32, dropout=0.0)

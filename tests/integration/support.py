@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from cvlib.config import AugmentConfig, ReportConfig, RetrainConfig, TrainConfig
+from cvlib.config import RetrainConfig
+from cvlib.data.options import AugmentConfig
+from cvlib.explain.options import ReportConfig
+from cvlib.training.options import TrainConfig
 
 
 def small_config(model_name: str, arch: str = "resnet50") -> RetrainConfig:

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from cvlib.config import DataConfig, ReportConfig
+from cvlib.data.options import DataConfig
+from cvlib.explain.options import ReportConfig
 
 
 @pytest.fixture(scope="module")
@@ -70,12 +71,12 @@ def test_cli_explain_without_the_flag_has_no_section(on_prefect, inputs, checkpo
 
 
 def test_cli_unknown_layer_fails_clearly_before_screening(on_prefect, inputs, checkpoint, tmp_path, monkeypatch):
-    import cvlib.report
+    import cvlib.explain.report
     from flows.cli import EXIT_USAGE, main
 
     screened = []
-    real = cvlib.report.screen_files
-    monkeypatch.setattr(cvlib.report, "screen_files", lambda *a, **k: screened.append(1) or real(*a, **k))
+    real = cvlib.explain.report.screen_files
+    monkeypatch.setattr(cvlib.explain.report, "screen_files", lambda *a, **k: screened.append(1) or real(*a, **k))
     out = tmp_path / "report.html"
     # Not capsys, to be safe in any test order: Prefect's console log handler keeps the stream
     # it first saw (tests/conftest.py imports prefect early for that reason).
@@ -115,7 +116,7 @@ def test_validation_report_gets_the_section_from_the_retrain_config(on_prefect, 
 
 
 def test_retrain_preflight_rejects_a_layer_the_architecture_lacks():
-    from cvlib.featuremaps import UnknownLayerError
+    from cvlib.explain.featuremaps import UnknownLayerError
     from tasks.explain import check_feature_map_layers
 
     check_feature_map_layers("resnet18", ReportConfig(feature_maps=True, feature_map_layers=["layer3.1.conv2"]))
@@ -127,7 +128,7 @@ def test_retrain_preflight_rejects_a_layer_the_architecture_lacks():
 def test_retrain_preflight_on_an_architecture_the_meta_device_cannot_build():
     """RegNet's constructor reads its own fresh weights, which meta tensors do not have: the
     check builds it on the CPU instead of failing a valid name."""
-    from cvlib.featuremaps import UnknownLayerError
+    from cvlib.explain.featuremaps import UnknownLayerError
     from tasks.explain import check_feature_map_layers
 
     check_feature_map_layers("regnet_y_400mf", ReportConfig(feature_maps=True, feature_map_layers=["stem"]))
@@ -138,7 +139,7 @@ def test_retrain_preflight_on_an_architecture_the_meta_device_cannot_build():
 def test_retrain_with_a_misspelt_layer_fails_before_ingesting(on_prefect, inputs, tmp_path):
     """The report comes after training: a typo in ``report.feature_map_layers`` must not cost a run."""
     from cvlib.config import RetrainConfig
-    from cvlib.featuremaps import UnknownLayerError
+    from cvlib.explain.featuremaps import UnknownLayerError
     from flows.retrain import retrain
 
     config = RetrainConfig.model_validate({"train": {"arch": "simple_cnn", "weights": "none"},

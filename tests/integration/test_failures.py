@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from cvlib.checkpoint import load_checkpoint
+from cvlib.training.checkpoint import load_checkpoint
 from tests.conftest import mlflow_client
 from tests.integration.support import small_config
 
@@ -44,7 +44,7 @@ def test_transient_registry_failure_is_retried(digits_dir, on_servers, monkeypat
 
 DIE_AFTER_FIRST_EPOCH = """
 import os, sys
-import cvlib.train as train
+import cvlib.training.fit as train
 real_fit = train.fit
 def fit(**kwargs):
     on_epoch = kwargs["on_epoch"]
@@ -87,11 +87,11 @@ def test_run_killed_during_training_resumes_from_checkpoint(digits_dir, on_serve
 def test_flow_retry_resumes_from_the_failed_task(digits_dir, on_servers, monkeypatch, tmp_path):
     """Task results are persisted: when the flow run is retried after its last task failed,
     the completed tasks (training above all) are not run again."""
-    import cvlib.report
-    import cvlib.train
+    import cvlib.explain.report
+    import cvlib.training.fit
     from flows.retrain import retrain
 
-    real_fit, real_explain = cvlib.train.fit, cvlib.report.explain_files
+    real_fit, real_explain = cvlib.training.fit.fit, cvlib.explain.report.explain_files
     calls = {"fit": 0, "explain": 0}
 
     def counting_fit(**kwargs):
@@ -104,8 +104,8 @@ def test_flow_retry_resumes_from_the_failed_task(digits_dir, on_servers, monkeyp
             raise OSError("report disk full")
         return real_explain(*args, **kwargs)
 
-    monkeypatch.setattr(cvlib.train, "fit", counting_fit)
-    monkeypatch.setattr(cvlib.report, "explain_files", failing_explain)
+    monkeypatch.setattr(cvlib.training.fit, "fit", counting_fit)
+    monkeypatch.setattr(cvlib.explain.report, "explain_files", failing_explain)
     name = f"retried-{uuid.uuid4().hex[:6]}"
     flow = retrain.with_options(retries=1, retry_delay_seconds=0)
     result = flow(data_dir=str(digits_dir), config=small_config(name, arch="resnet18"), output_dir=str(tmp_path / "run"))

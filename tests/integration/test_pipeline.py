@@ -14,7 +14,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cvlib.config import ReportConfig, ScoreConfig
+from cvlib.explain.options import ReportConfig
+from cvlib.inference.options import ScoreConfig
 from tests.conftest import mlflow_client
 from tests.integration.support import small_config
 
@@ -112,8 +113,8 @@ def test_retrain_report_attached_to_the_run(retrained, on_servers):
 def test_registry_on_postgres(retrained, mlflow_server_postgres, prefect_server, use_mlflow, use_prefect, tmp_path):
     """The production backend: register the same checkpoint on an MLflow server backed by
     PostgreSQL, resolve it by alias and load the package."""
-    from cvlib.checkpoint import load_package
-    from cvlib.config import GateConfig
+    from cvlib.promotion import GateConfig
+    from cvlib.training.checkpoint import load_package
     from tasks.records import IngestResult, Validation
     from tasks.registry import champion_gate, register_model, resolve_model, start_run
 

@@ -32,7 +32,7 @@ def test_gate_re_evaluates_the_champion(retrained, on_servers):
     """A challenger claiming a better score than the champion re-measured on the same split
     wins; one claiming a worse score does not. Decision and scores are version tags."""
 
-    from cvlib.config import GateConfig
+    from cvlib.promotion import GateConfig
     from tasks.records import Validation
     from tasks.registry import champion_gate
 
@@ -62,7 +62,7 @@ def test_gate_re_evaluates_the_champion(retrained, on_servers):
 
 CONCURRENT = """
 import os, sys
-from cvlib.config import GateConfig
+from cvlib.promotion import GateConfig
 from tasks.records import IngestResult, Validation
 from tasks.registry import champion_gate, register_model, start_run
 from tests.integration.support import small_config
@@ -112,7 +112,9 @@ def test_two_learning_rates_compare_over_rest(digits_dir, on_servers, mlflow_ser
     one experiment, their lr params and per-epoch histories, read through the server's REST API."""
     import uuid
 
-    from cvlib.config import AugmentConfig, RetrainConfig, TrainConfig
+    from cvlib.config import RetrainConfig
+    from cvlib.data.options import AugmentConfig
+    from cvlib.training.options import TrainConfig
     from flows.retrain import retrain
 
     experiment = f"compare-{uuid.uuid4().hex[:6]}"

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cvlib.config import ScoreConfig
+from cvlib.inference.options import ScoreConfig
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +28,7 @@ def inputs(digits_dir, tmp_path_factory) -> Path:
 
 
 def _rows(out: Path) -> pd.DataFrame:
-    from cvlib.predict import read_predictions
+    from cvlib.inference.predict import read_predictions
 
     return read_predictions(out).drop(columns=["scored_at"]).reset_index(drop=True)
 
@@ -116,7 +116,7 @@ def test_cli_scores_a_list_with_a_torchvision_model(on_prefect, inputs, tmp_path
     df = pd.read_parquet(out)
     assert len(df) == 7 and (df["model_version"] == "random-seed0").all() and (df["model_uri"] == "torchvision/resnet18").all()
     assert df.set_index("path").loc["no_such.jpg", "status"] == "missing"
-    from cvlib.parquet import read_metadata
+    from cvlib.files.parquet import read_metadata
 
     assert len(json.loads(read_metadata(out)["visionflow.class_names"])) == 1000
     assert not (tmp_path / ".imagenet.parquet.parts").exists()

@@ -17,9 +17,9 @@ import torch
 import torchvision
 from torch import nn
 
-from cvlib.checkpoint import build_from_meta
-from cvlib.gradcam import grad_cam
-from cvlib.models import _head_attr, create_model
+from cvlib.explain.gradcam import grad_cam
+from cvlib.models.factory import _head_attr, create_model
+from cvlib.training.checkpoint import build_from_meta
 from tests.threads import one_torch_thread
 
 CLASSES = ["cat", "dog", "fox"]

@@ -1,4 +1,4 @@
-"""cvlib.checkpoint: atomic saves, loading that never runs pickled code, and model packages.
+"""cvlib.training.checkpoint: atomic saves, loading that never runs pickled code, and model packages.
 
 Models are resnet18 with a small head, scored on 16x16 inputs: enough to compare outputs
 exactly, cheap enough to build several times.
@@ -13,7 +13,8 @@ import pickle
 import pytest
 import torch
 
-from cvlib.checkpoint import (
+from cvlib.models.factory import create_model
+from cvlib.training.checkpoint import (
     PACKAGE_META,
     PACKAGE_WEIGHTS,
     build_from_meta,
@@ -23,7 +24,6 @@ from cvlib.checkpoint import (
     save_atomic,
     save_package,
 )
-from cvlib.models import create_model
 
 CLASSES = ["cat", "dog", "eel"]
 

@@ -12,17 +12,11 @@ import json
 import pytest
 from pydantic import BaseModel, ValidationError
 
-from cvlib.config import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    AugmentConfig,
-    DataConfig,
-    ReportConfig,
-    RetrainConfig,
-    ScoreConfig,
-    TrainConfig,
-    flatten,
-)
+from cvlib.config import RetrainConfig, flatten
+from cvlib.data.options import IMAGENET_MEAN, IMAGENET_STD, AugmentConfig, DataConfig
+from cvlib.explain.options import ReportConfig
+from cvlib.inference.options import ScoreConfig
+from cvlib.training.options import TrainConfig
 
 # --------------------------------------------------------------------------- defaults
 

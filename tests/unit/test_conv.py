@@ -1,4 +1,4 @@
-"""cvlib.conv against PyTorch's conv2d, the definition the rest of visionflow trusts."""
+"""cvlib.toolkit.conv against PyTorch's conv2d, the definition the rest of visionflow trusts."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cvlib.conv import conv2d, conv2d_naive, output_size
+from cvlib.toolkit.conv import conv2d, conv2d_naive, output_size
 
 SETTINGS = settings(max_examples=40, deadline=None, derandomize=True)
 

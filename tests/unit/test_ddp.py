@@ -1,6 +1,6 @@
 """Distributed training on the CPU: two processes on the gloo backend, launched the way torchrun
 launches them (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), each running
-``python -m cvlib.train_ddp``'s ``main`` with a little instrumentation around it.
+``python -m cvlib.training.ddp``'s ``main`` with a little instrumentation around it.
 
 One run covers what DDP must guarantee: disjoint shards of every epoch, identical weights on both
 ranks at the end (parameters, BatchNorm statistics and the EMA, across the head -> full phase
@@ -21,9 +21,11 @@ import numpy as np
 import pytest
 import torch
 
-from cvlib.checkpoint import load_checkpoint
-from cvlib.config import AugmentConfig, RetrainConfig, TrainConfig
-from cvlib.distributed import (
+from cvlib.config import RetrainConfig
+from cvlib.data.options import AugmentConfig
+from cvlib.models.factory import create_model
+from cvlib.training.checkpoint import load_checkpoint
+from cvlib.training.distributed import (
     DistInfo,
     all_reduce_sum,
     any_rank,
@@ -32,7 +34,7 @@ from cvlib.distributed import (
     init_from_env,
     is_main,
 )
-from cvlib.models import create_model
+from cvlib.training.options import TrainConfig
 from tests.unit.test_train import CLASSES, PER_CLASS, _image
 
 REPO = Path(__file__).resolve().parents[2]
@@ -42,8 +44,8 @@ _RANK = r"""
 import json, os, sys
 from pathlib import Path
 import torch
-import cvlib.train as train
-from cvlib.data import EpochSampler
+import cvlib.training.fit as train
+from cvlib.data.datasets import EpochSampler
 
 report = Path(sys.argv[1]) / f"rank{os.environ['RANK']}"
 shards, saves, models, emas = [], [], [], []
@@ -73,7 +75,7 @@ class CapturingEma(train.ModelEma):
         emas.append(self)
 train.ModelEma = CapturingEma
 
-from cvlib.train_ddp import main
+from cvlib.training.ddp import main
 main(sys.argv[2:])
 torch.save({"model": models[-1].state_dict(), "ema": emas[-1].module.state_dict()}, str(report) + ".pt")
 Path(str(report) + ".json").write_text(json.dumps({"shards": shards, "saves": saves}))
@@ -134,7 +136,7 @@ def ddp_run(tmp_path_factory):
 
 def test_ranks_train_on_disjoint_shards_of_every_epoch(ddp_run):
     out, _, _, reports, _ = ddp_run
-    from cvlib.ingest import read_manifest
+    from cvlib.data.ingest import read_manifest
 
     manifest = read_manifest(out / "manifest.parquet")  # built by rank 0, read by both
     n_train = int(((manifest["split"] == "train") & (manifest["status"] == "ok")).sum())
@@ -172,10 +174,10 @@ def test_only_rank_zero_checkpoints_and_reports(ddp_run):
 
 def test_validation_metrics_equal_one_process_on_the_whole_split(ddp_run):
     out, cfg, outputs, _, states = ddp_run
-    from cvlib.data import ManifestDataset, make_loader
-    from cvlib.evaluate import evaluate
-    from cvlib.ingest import class_names, read_manifest
-    from cvlib.transforms import EvalPreset, resize_size_for
+    from cvlib.data.datasets import ManifestDataset, make_loader
+    from cvlib.data.ingest import class_names, read_manifest
+    from cvlib.data.transforms import EvalPreset, resize_size_for
+    from cvlib.training.evaluate import evaluate
 
     result = json.loads(outputs[0][1].strip().splitlines()[-1])
     assert result["world_size"] == WORLD

@@ -1,4 +1,4 @@
-"""cvlib.demo_data: scikit-learn's real handwritten digits written as an image folder, so the
+"""cvlib.data.demo: scikit-learn's real handwritten digits written as an image folder, so the
 demo goes through the same ingestion path as a user's photos."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cvlib.demo_data import write_digits
+from cvlib.data.demo import write_digits
 
 
 @pytest.fixture(scope="module")

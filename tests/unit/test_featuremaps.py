@@ -1,4 +1,4 @@
-"""cvlib.featuremaps: forward hooks that capture layers' outputs (one layer of one image, or
+"""cvlib.explain.featuremaps: forward hooks that capture layers' outputs (one layer of one image, or
 several layers of a batch in one forward), always released, model state untouched; the default
 layers, the most active channels, and the PNG grids they render into."""
 
@@ -14,7 +14,7 @@ import torchvision
 from PIL import Image
 from torch import nn
 
-from cvlib.featuremaps import (
+from cvlib.explain.featuremaps import (
     UnknownLayerError,
     choose_layers,
     conv_blocks,
@@ -27,8 +27,8 @@ from cvlib.featuremaps import (
     render_feature_maps,
     top_channels,
 )
-from cvlib.models import create_model
-from cvlib.simple_cnn import SimpleCNN
+from cvlib.models.factory import create_model
+from cvlib.models.simple_cnn import SimpleCNN
 from tests.threads import one_torch_thread
 
 one_thread = pytest.fixture(scope="module", autouse=True)(one_torch_thread)
@@ -179,7 +179,7 @@ def test_render_copes_with_constant_maps_and_rejects_bad_shapes(tmp_path):
 
 @pytest.fixture
 def checkpoint_and_image(tmp_path):
-    from cvlib.checkpoint import save_atomic
+    from cvlib.training.checkpoint import save_atomic
 
     torch.manual_seed(0)
     model = create_model("simple_cnn", 3, weights="none", hidden_dim=16)

@@ -1,4 +1,4 @@
-"""cvlib.gradcam: maps, hygiene (hooks, grads, modes, grad mode), default layers, faithfulness,
+"""cvlib.explain.gradcam: maps, hygiene (hooks, grads, modes, grad mode), default layers, faithfulness,
 and agreement with pytorch-grad-cam on real photos. Small models, fixed seeds, CPU only."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from cvlib.gradcam import (
+from cvlib.explain.gradcam import (
     CamResult,
     default_target_layer,
     deletion_score,
@@ -381,7 +381,7 @@ def test_deletion_score_detects_a_faithful_map():
 
 
 def test_import_does_not_pull_prefect_or_mlflow():
-    code = "import sys, cvlib.gradcam; bad = [m for m in ('prefect', 'mlflow') if m in sys.modules]; print(bad); assert not bad"
+    code = "import sys, cvlib.explain.gradcam; bad = [m for m in ('prefect', 'mlflow') if m in sys.modules]; print(bad); assert not bad"
     proc = subprocess.run([sys.executable, "-c", code], check=False, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
@@ -466,7 +466,7 @@ def test_bf16_trunk_inside_caller_autocast_restores_it():
 
 
 def test_auto_precision_is_fp32_without_native_bf16(monkeypatch):
-    from cvlib import precision as prec
+    from cvlib.models import precision as prec
 
     model, x = _resnet18(), _images(n=2)
     monkeypatch.setattr(prec, "cpu_supports_bf16", lambda: False)

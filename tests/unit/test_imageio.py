@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from cvlib.imageio import (
+from cvlib.data.imageio import (
     BACKGROUND,
     IMAGE_EXTENSIONS,
     ImageInfo,
@@ -326,7 +326,7 @@ def test_lab_tiff_is_converted_colorimetrically():
 
 def test_probe_refuses_what_load_rgb_could_not_convert(monkeypatch):
     """What ingestion accepts must load during training: a mode with no RGB path is refused."""
-    from cvlib import imageio
+    from cvlib.data import imageio
 
     def no_conversion(im, background):
         raise ValueError("conversion from XYZ to RGB not supported")

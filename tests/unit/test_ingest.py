@@ -24,9 +24,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from cvlib import ingest
-from cvlib.config import DataConfig
-from cvlib.ingest import (
+from cvlib.data import ingest
+from cvlib.data.ingest import (
     MANIFEST_SCHEMA,
     REASONS,
     DataSetError,
@@ -42,6 +41,7 @@ from cvlib.ingest import (
     summarize,
     write_manifest,
 )
+from cvlib.data.options import DataConfig
 
 
 def picture(seed: int, size: tuple[int, int] = (64, 48)) -> Image.Image:
@@ -372,7 +372,7 @@ def test_near_duplicate_groups_match_brute_force():
 def _reference_phash(data: bytes) -> int:
     """pHash as documented, written the plain way: the 1/8 greyscale draft for a JPEG, 32x32
     box average, 2-D DCT, the 8x8 lowest frequencies against their median."""
-    from cvlib.imageio import _DCT8
+    from cvlib.data.imageio import _DCT8
 
     with Image.open(io.BytesIO(data)) as im:
         if im.format == "JPEG":
@@ -692,7 +692,7 @@ def test_dataset_hash_tracks_what_training_sees(tmp_path, cfg):
 
 
 def test_library_does_not_import_prefect_or_mlflow():
-    code = "import sys, cvlib.ingest, cvlib.imageio; print(sorted(m for m in sys.modules if m.split('.')[0] in ('prefect', 'mlflow')))"
+    code = "import sys, cvlib.data.ingest, cvlib.data.imageio; print(sorted(m for m in sys.modules if m.split('.')[0] in ('prefect', 'mlflow')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 

@@ -1,4 +1,4 @@
-"""cvlib.inputs: every way to name the files to score resolves to one root and sorted, unique
+"""cvlib.inference.inputs: every way to name the files to score resolves to one root and sorted, unique
 paths relative to it; explicit lists keep entries that are missing or not images (they get an
 error row when scored), a folder walk keeps only names that claim an image."""
 
@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from cvlib.inputs import InputSpecError, is_glob, list_input_files, resolve_inputs
+from cvlib.inference.inputs import InputSpecError, is_glob, list_input_files, resolve_inputs
 
 
 @pytest.fixture

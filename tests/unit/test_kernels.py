@@ -1,4 +1,4 @@
-"""cvlib.kernels against OpenCV's filter2D on a real photo, and the gallery PNG."""
+"""cvlib.toolkit.kernels against OpenCV's filter2D on a real photo, and the gallery PNG."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 from sklearn.datasets import load_sample_image
 
-from cvlib.kernels import (
+from cvlib.toolkit.kernels import (
     GAUSSIAN_BLUR,
     KERNELS,
     SOBEL_X,
@@ -203,7 +203,7 @@ def test_import_is_light():
     import sys
 
     code = (
-        "import sys, cvlib.kernels, cvlib.conv; "
+        "import sys, cvlib.toolkit.kernels, cvlib.toolkit.conv; "
         "bad = [m for m in ('prefect', 'mlflow', 'matplotlib', 'torch') if m in sys.modules]; "
         "assert not bad, bad"
     )

@@ -32,8 +32,8 @@ def test_cvlib_imports_neither_prefect_nor_mlflow():
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     # The walk must have found the real modules, or the check below proves nothing.
     expected = {
-        "cvlib.config", "cvlib.ingest", "cvlib.train", "cvlib.predict", "cvlib.checkpoint",
-        "cvlib.report", "cvlib.models", "cvlib.schedule", "cvlib.transforms", "cvlib.demo_data",
+        "cvlib.config", "cvlib.data.ingest", "cvlib.training.fit", "cvlib.inference.predict", "cvlib.training.checkpoint",
+        "cvlib.explain.report", "cvlib.models.factory", "cvlib.training.schedule", "cvlib.data.transforms", "cvlib.data.demo",
     }  # fmt: skip
     assert expected <= set(report["modules"])
     assert report["leaked"] == []

@@ -1,4 +1,4 @@
-"""cvlib.models: the transfer head, freezing, and weight loading that fails with a message a user
+"""cvlib.models.factory: the transfer head, freezing, and weight loading that fails with a message a user
 can act on.
 
 No test touches the network: downloads are cut off by monkeypatching ``torch.hub``'s downloader
@@ -16,7 +16,7 @@ import torch
 import torchvision
 from torch import nn
 
-from cvlib.models import (
+from cvlib.models.factory import (
     WeightsUnavailableError,
     check_weights,
     create_model,

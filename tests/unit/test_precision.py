@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cvlib.config import TrainConfig
-from cvlib.precision import autocast, autocast_dtype, inference_dtype, needs_grad_scaler
+from cvlib.models.precision import autocast, autocast_dtype, inference_dtype, needs_grad_scaler
+from cvlib.training.options import TrainConfig
 
 CPU = torch.device("cpu")
 
@@ -35,7 +35,7 @@ def test_grad_scaler_only_for_fp16_on_cuda():
 
 
 def test_inference_auto_on_cpu_follows_native_bf16():
-    from cvlib.precision import cpu_supports_bf16
+    from cvlib.models.precision import cpu_supports_bf16
 
     assert inference_dtype("auto", CPU) == (torch.bfloat16 if cpu_supports_bf16() else None)
 

@@ -1,4 +1,4 @@
-"""cvlib.predict: one row per input file, readable or not, in a stable order; top-k that is a
+"""cvlib.inference.predict: one row per input file, readable or not, in a stable order; top-k that is a
 real probability ranking; Parquet output with the documented schema and metadata.
 
 The model is an untrained resnet18 (random init, 3 classes): predictions are meaningless but
@@ -25,9 +25,8 @@ import pytest
 import torch
 from PIL import Image
 
-from cvlib.models import create_model
-from cvlib.parquet import read_metadata
-from cvlib.predict import (
+from cvlib.files.parquet import read_metadata
+from cvlib.inference.predict import (
     META_CLASS_NAMES,
     META_SCORING,
     PREDICTIONS_SCHEMA,
@@ -46,6 +45,7 @@ from cvlib.predict import (
     shard_files,
     write_predictions,
 )
+from cvlib.models.factory import create_model
 
 CLASSES = ["apple", "banana", "cherry"]
 META = {
@@ -340,8 +340,8 @@ KILL_SCRIPT = r"""
 import sys, time, torch
 from torch import nn
 sys.path.insert(0, sys.argv[3])
-from cvlib.models import create_model
-from cvlib.predict import ScoringOptions, list_input_files, score_to_parts
+from cvlib.models.factory import create_model
+from cvlib.inference.predict import ScoringOptions, list_input_files, score_to_parts
 
 class Slow(nn.Module):
     def __init__(self, inner):
@@ -433,7 +433,7 @@ def test_jpeg_size_is_the_stored_upright_size_not_the_draft(model, tmp_path):
 
 @pytest.mark.parametrize("orientation", range(1, 9))
 def test_orient_tensor_matches_pillow(orientation):
-    from cvlib.imageio import load_rgb
+    from cvlib.data.imageio import load_rgb
 
     img = Image.fromarray(np.arange(4 * 6 * 3, dtype=np.uint8).reshape(4, 6, 3))
     exif = Image.Exif()
@@ -495,9 +495,9 @@ def test_bf16_top1_agrees_with_fp32_on_a_trained_model(tmp_path):
     test is not passed by confident predictions alone (after 60 steps every margin is large and
     agreement is trivially 100%). What it shows: bf16 moves the probabilities by well under 0.02
     here, so only a near-tie can flip; it says nothing about other models or data sets."""
-    from cvlib.demo_data import write_digits
-    from cvlib.imageio import load_rgb
-    from cvlib.transforms import eval_preset_from
+    from cvlib.data.demo import write_digits
+    from cvlib.data.imageio import load_rgb
+    from cvlib.data.transforms import eval_preset_from
 
     data = tmp_path / "digits"
     write_digits(data, size=16, per_class=30)
@@ -564,7 +564,7 @@ def test_compiled_runner_pads_short_batches_and_falls_back_to_eager(monkeypatch)
 
 
 def test_zoo_model_has_imagenet_classes_and_fixed_random_weights():
-    from cvlib.zoo import imagenet_model, is_zoo_uri, zoo_arch, zoo_version
+    from cvlib.models.zoo import imagenet_model, is_zoo_uri, zoo_arch, zoo_version
 
     a, meta = imagenet_model("resnet18", "none")
     b, _ = imagenet_model("resnet18", "none")
@@ -578,8 +578,8 @@ def test_zoo_model_has_imagenet_classes_and_fixed_random_weights():
 
 
 def test_zoo_default_weights_offline_name_the_remedy(tmp_path, monkeypatch):
-    from cvlib.models import WeightsUnavailableError
-    from cvlib.zoo import imagenet_model
+    from cvlib.models.factory import WeightsUnavailableError
+    from cvlib.models.zoo import imagenet_model
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     try:

@@ -1,4 +1,4 @@
-"""cvlib.preview: the augmentation grid and the training curves a retraining run logs."""
+"""cvlib.data.preview: the augmentation grid and the training curves a retraining run logs."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
-from cvlib.config import AugmentConfig
-from cvlib.plots import training_curves_png
-from cvlib.preview import augmentation_preview
-from cvlib.train import EpochRecord
-from cvlib.transforms import train_preset
+from cvlib.data.options import AugmentConfig
+from cvlib.data.preview import augmentation_preview
+from cvlib.data.transforms import train_preset
+from cvlib.training.fit import EpochRecord
+from cvlib.training.plots import training_curves_png
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -68,7 +68,7 @@ def test_preview_denormalises_with_the_presets_own_mean_and_std(photo):
     """With no augmentation at all, the augmented panel must show the original colours, which
     it does only if the preset's Normalize is undone (a normalised tensor shown raw is mostly
     clipped to black and white)."""
-    from cvlib.preview import _normalize_params, _to_display
+    from cvlib.data.preview import _normalize_params, _to_display
 
     plain = train_preset(AugmentConfig(image_size=32, scale_min=1.0, hflip=0.0, rotation=0.0, color_jitter=0.0))
     norm = _normalize_params(plain)

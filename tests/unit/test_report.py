@@ -1,4 +1,4 @@
-"""cvlib.report: the Grad-CAM HTML report. Escaping, self-containment, one card per sample,
+"""cvlib.explain.report: the Grad-CAM HTML report. Escaping, self-containment, one card per sample,
 misclassified first by loss, galleries per class, faithfulness numbers, embedded figures, the
 whole-split confusions and the screening/sampling that picks the images. A tiny random CNN on
 32 px images, one thread: fast on a shared 2-core machine."""
@@ -17,9 +17,8 @@ import pytest
 import torch
 from PIL import Image
 
-from cvlib.config import ReportConfig
-from cvlib.models import create_model
-from cvlib.report import (
+from cvlib.explain.options import ReportConfig
+from cvlib.explain.report import (
     FIGURES,
     ReportSample,
     choose_samples,
@@ -33,6 +32,7 @@ from cvlib.report import (
     top_confusions,
     write_report,
 )
+from cvlib.models.factory import create_model
 from tests.threads import one_torch_thread
 
 EVIL_CLASS = "<script>alert(1)</script>"
@@ -461,7 +461,7 @@ def test_faithfulness_verdict(cam, rnd, level):
 def test_explain_files_passes_its_precision_to_every_cam_and_deletion_pass(model, folder, explained, monkeypatch):
     """The report's trunk precision (ReportConfig.precision, "auto" by default) reaches the CAM
     of the predicted class, of the true class and the faithfulness forwards."""
-    import cvlib.report as report_mod
+    import cvlib.explain.report as report_mod
 
     seen: list[tuple[str, str]] = []
     real_explain, real_deletion = report_mod.explain_batch, report_mod.deletion_score

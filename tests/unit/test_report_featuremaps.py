@@ -1,4 +1,4 @@
-"""The report's optional "Feature maps" section (cvlib.report.explain_feature_maps and
+"""The report's optional "Feature maps" section (cvlib.explain.report.explain_feature_maps and
 render_report(feature_maps=...)), the ReportConfig fields behind it and the CLI flags that set
 them. A tiny random SimpleCNN on 32 px images, one thread."""
 
@@ -18,10 +18,11 @@ from PIL import Image
 from pydantic import ValidationError
 from torch import nn
 
-from cvlib.config import ReportConfig, RetrainConfig
-from cvlib.featuremaps import UnknownLayerError, conv_layer_names, default_layers, top_channels
-from cvlib.models import create_model
-from cvlib.report import explain_feature_maps, explain_files, render_report
+from cvlib.config import RetrainConfig
+from cvlib.explain.featuremaps import UnknownLayerError, conv_layer_names, default_layers, top_channels
+from cvlib.explain.options import ReportConfig
+from cvlib.explain.report import explain_feature_maps, explain_files, render_report
+from cvlib.models.factory import create_model
 from tests.threads import one_torch_thread
 from tests.unit.test_report import _dom
 
@@ -67,8 +68,8 @@ def samples(model, folder):
 
 
 def _crop(folder: Path, rel: str) -> torch.Tensor:
-    from cvlib.imageio import load_rgb
-    from cvlib.transforms import eval_preset_from
+    from cvlib.data.imageio import load_rgb
+    from cvlib.data.transforms import eval_preset_from
 
     return eval_preset_from(PRE)(load_rgb(folder / rel))
 
@@ -104,7 +105,7 @@ def test_first_images_in_report_order_default_layers_top_channels(model, folder,
 
 
 def _single(model, crop, layer):
-    from cvlib.featuremaps import feature_maps
+    from cvlib.explain.featuremaps import feature_maps
 
     return feature_maps(model, crop.unsqueeze(0), layer)
 

@@ -1,4 +1,4 @@
-"""cvlib.schedule: linear warm-up then cosine decay to a floor, stepped once per optimizer step.
+"""cvlib.training.schedule: linear warm-up then cosine decay to a floor, stepped once per optimizer step.
 
 The factor is checked as a pure function, then through a real AdamW + LambdaLR, because that is
 where off-by-one errors between "scheduler step" and "optimizer step" show up.
@@ -12,7 +12,7 @@ from itertools import pairwise
 import pytest
 import torch
 
-from cvlib.schedule import warmup_cosine, warmup_cosine_factor
+from cvlib.training.schedule import warmup_cosine, warmup_cosine_factor
 
 W, TOTAL, FLOOR = 4, 20, 0.1
 

@@ -1,4 +1,4 @@
-"""cvlib.simple_cnn and its registration in cvlib.models: the notebook's CNN as an architecture
+"""cvlib.models.simple_cnn and its registration in cvlib.models.factory: the notebook's CNN as an architecture
 visionflow trains, packages and rebuilds like any torchvision one."""
 
 from __future__ import annotations
@@ -7,14 +7,14 @@ import pytest
 import torch
 from torch import nn
 
-from cvlib.checkpoint import build_from_meta
-from cvlib.models import (
+from cvlib.models.factory import (
     NoPretrainedWeightsError,
     WeightsUnavailableError,
     check_weights,
     create_model,
 )
-from cvlib.simple_cnn import SimpleCNN
+from cvlib.models.simple_cnn import SimpleCNN
+from cvlib.training.checkpoint import build_from_meta
 from tests.threads import one_torch_thread
 
 one_thread = pytest.fixture(scope="module", autouse=True)(one_torch_thread)

@@ -1,4 +1,4 @@
-"""cvlib.train.fit on a tiny real image folder (3 classes of 16x16 px colour/pattern images,
+"""cvlib.training.fit.fit on a tiny real image folder (3 classes of 16x16 px colour/pattern images,
 resnet18 from random init, 2 epochs of 2 steps each): checkpoints, history, repeatability, exact
 resume after an interruption, and NaN handling.
 
@@ -19,10 +19,11 @@ import torch
 from PIL import Image
 from torch import nn
 
-from cvlib.checkpoint import load_checkpoint
-from cvlib.config import AugmentConfig, DataConfig, RetrainConfig, TrainConfig
-from cvlib.ingest import build_manifest, class_names
-from cvlib.train import (
+from cvlib.config import RetrainConfig
+from cvlib.data.ingest import build_manifest, class_names
+from cvlib.data.options import AugmentConfig, DataConfig
+from cvlib.training.checkpoint import load_checkpoint
+from cvlib.training.fit import (
     BEST,
     LAST,
     EpochRecord,
@@ -30,6 +31,7 @@ from cvlib.train import (
     fit,
     param_groups,
 )
+from cvlib.training.options import TrainConfig
 from tests.threads import one_torch_thread
 
 CLASSES = ("red_stripes", "green_checks", "blue_dots")
@@ -223,7 +225,7 @@ def test_training_changes_the_weights(straight, dataset):
     """Guards the comparisons below: equal weights must not come from a loop that never steps."""
     _, _, names = dataset
     torch.manual_seed(0)
-    from cvlib.models import create_model
+    from cvlib.models.factory import create_model
 
     init = create_model("resnet18", len(names), weights="none", hidden_dim=32, dropout=0.3).state_dict()
     trained = _weights(straight.out / LAST)
@@ -336,8 +338,8 @@ from pathlib import Path
 import torch
 torch.set_num_threads(1)  # as in the parent (see _one_thread): reductions must add in the same order
 from cvlib.config import RetrainConfig
-from cvlib.ingest import class_names, read_manifest
-from cvlib.train import fit
+from cvlib.data.ingest import class_names, read_manifest
+from cvlib.training.fit import fit
 
 root, manifest_path, config_path, out, ready = sys.argv[1:6]
 manifest = read_manifest(manifest_path)

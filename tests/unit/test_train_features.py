@@ -1,4 +1,4 @@
-"""The production features of cvlib.train.fit around the basic loop (tests/unit/test_train.py):
+"""The production features of cvlib.training.fit.fit around the basic loop (tests/unit/test_train.py):
 the seeded input pipeline with workers, two-phase fine-tuning from a pretrained file, MixUp/CutMix,
 EMA, TrivialAugment/RandomErasing, early stopping, and the CUDA input path (skipped without a GPU).
 
@@ -17,24 +17,19 @@ import torch
 from torch import nn
 from torchvision.transforms import v2
 
-from cvlib.checkpoint import load_checkpoint
-from cvlib.config import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    AugmentConfig,
-    DataConfig,
-    RetrainConfig,
-    TrainConfig,
-)
-from cvlib.data import (
+from cvlib.config import RetrainConfig
+from cvlib.data.datasets import (
     EpochSampler,
     ManifestDataset,
     ShardSampler,
     make_loader,
     sample_seed,
 )
-from cvlib.models import create_model, head_parameters
-from cvlib.train import (
+from cvlib.data.options import IMAGENET_MEAN, IMAGENET_STD, AugmentConfig, DataConfig
+from cvlib.data.transforms import TrainPreset, train_preset
+from cvlib.models.factory import create_model, head_parameters
+from cvlib.training.checkpoint import load_checkpoint
+from cvlib.training.fit import (
     BEST,
     LAST,
     batch_mixer,
@@ -44,7 +39,7 @@ from cvlib.train import (
     resolved_head_epochs,
     train_draft_size,
 )
-from cvlib.transforms import TrainPreset, train_preset
+from cvlib.training.options import TrainConfig
 from tests.unit.test_train import _image, build_dataset
 
 
@@ -303,7 +298,7 @@ def test_without_patience_the_run_goes_to_the_end(dataset, tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_run_with_workers_pinned_memory_and_amp(dataset, tmp_path):
-    from cvlib.data import CudaPrefetcher
+    from cvlib.data.datasets import CudaPrefetcher
 
     root, manifest, _ = dataset
     ds = ManifestDataset(root, manifest, "train", train_preset(AugmentConfig(image_size=16)))
@@ -319,7 +314,7 @@ def test_cuda_run_with_workers_pinned_memory_and_amp(dataset, tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_nan_is_caught_within_the_check_interval(dataset, tmp_path, monkeypatch):
-    from cvlib.train import TrainingDivergedError
+    from cvlib.training.fit import TrainingDivergedError
 
     monkeypatch.setattr(nn.CrossEntropyLoss, "forward", lambda self, logits, targets: logits.sum() * float("nan"))
     with pytest.raises(TrainingDivergedError, match="epoch 1"):

@@ -1,4 +1,4 @@
-"""cvlib.transforms: the train/eval presets, the preprocessing record a model package carries,
+"""cvlib.data.transforms: the train/eval presets, the preprocessing record a model package carries,
 and ``denormalize`` (used to display images in reports).
 
 Images are tiny (<= 40 px) so every test runs in milliseconds.
@@ -13,8 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from cvlib.config import IMAGENET_MEAN, IMAGENET_STD, AugmentConfig
-from cvlib.transforms import (
+from cvlib.data.options import IMAGENET_MEAN, IMAGENET_STD, AugmentConfig
+from cvlib.data.transforms import (
     EvalPreset,
     TrainPreset,
     denormalize,

@@ -40,8 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cvlib.models import eval_mode
-from cvlib.precision import PRECISIONS, autocast, inference_dtype
+from cvlib.models.factory import eval_mode
+from cvlib.models.precision import PRECISIONS, autocast, inference_dtype
 
 __all__ = [
     "METHODS",
@@ -446,7 +446,7 @@ def explain_batch(
             once per forward.
         precision: what the forward computes in (autocast): "fp32", "bf16", "fp16", or "auto"
             (bf16 on CUDA and on CPUs with native bf16, else fp32;
-            :func:`cvlib.precision.inference_dtype`). The target layer's activation is taken
+            :func:`cvlib.models.precision.inference_dtype`). The target layer's activation is taken
             as a leaf in the model's own dtype (float32), so its gradient and the CAM
             arithmetic are float32; the activation and the head carry the reduced precision's
             rounding (Pearson r > 0.999 against fp32 maps on ResNet-50). On an AVX512-BF16 CPU

@@ -12,7 +12,8 @@ import torch
 import torchvision
 from torch import nn
 
-from cvlib.simple_cnn import build_simple_cnn
+from cvlib.models.heads import transfer_head
+from cvlib.models.simple_cnn import build_simple_cnn
 
 WEIGHT_NAMES_HINT = "use --weights none for random initialisation or --weights PATH for a local file"
 
@@ -30,19 +31,6 @@ class NoPretrainedWeightsError(WeightsUnavailableError, ValueError):
 # (num_classes, **model_kwargs) and returns a model whose last layer is a Linear that
 # ``_head_attr`` finds; create_model puts the transfer head there, as for torchvision models.
 CUSTOM_ARCHS = {"simple_cnn": build_simple_cnn}
-
-
-def transfer_head(in_features: int, num_classes: int, *, hidden_dim: int = 512, dropout: float = 0.3) -> nn.Sequential:
-    """Dropout -> Linear -> ReLU -> Dropout -> Linear, the notebook's head."""
-    head = nn.Sequential(
-        nn.Dropout(dropout),
-        nn.Linear(in_features, hidden_dim),
-        nn.ReLU(inplace=True),
-        nn.Dropout(dropout),
-        nn.Linear(hidden_dim, num_classes),
-    )
-    head.is_transfer_head = True  # how _head_attr tells our head from a torchvision classifier
-    return head
 
 
 def _first_linear(block: nn.Sequential) -> nn.Linear:

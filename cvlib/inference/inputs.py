@@ -20,7 +20,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from cvlib.imageio import claims_image
+from cvlib.data.imageio import claims_image
 
 GLOB_CHARS = frozenset("*?[")
 MANIFEST_DATA_DIR_KEYS = ("visionflow.data_dir", "visionflow.data_root")

@@ -20,15 +20,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from cvlib.atomic import atomic_write
-from cvlib.models import create_model
+from cvlib.files.atomic import atomic_write
+from cvlib.models.factory import create_model
 
 PACKAGE_WEIGHTS = "model.safetensors"
 PACKAGE_META = "visionflow.json"
 
 
 def save_atomic(obj: Any, path: str | os.PathLike[str]) -> Path:
-    """``torch.save`` through :func:`cvlib.atomic.atomic_write`: a crash mid-save keeps the
+    """``torch.save`` through :func:`cvlib.files.atomic.atomic_write`: a crash mid-save keeps the
     previous checkpoint."""
     with atomic_write(path) as f:
         torch.save(obj, f)

@@ -6,7 +6,7 @@ Weights: ``DEFAULT`` or a torchvision weights name (downloaded into, or read fro
 ``TORCH_HOME`` cache), a local state-dict file (``.pth``/``.pt``/``.safetensors``), or ``none``:
 random initialisation from a fixed seed, so every process (and every Dask worker) builds the
 same model, and the ``version`` says it is random. Offline, ``DEFAULT`` fails with
-:class:`cvlib.models.WeightsUnavailableError` naming ``--weights none``.
+:class:`cvlib.models.factory.WeightsUnavailableError` naming ``--weights none``.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 import torchvision
 from torch import nn
 
-from cvlib.models import (
+from cvlib.models.factory import (
     WEIGHT_NAMES_HINT,
     WeightsUnavailableError,
     _read_state_file,

@@ -1,4 +1,4 @@
-"""The classic hand-made image kernels (Part 1.2 of the notebook), applied with :func:`cvlib.conv.conv2d`.
+"""The classic hand-made image kernels (Part 1.2 of the notebook), applied with :func:`cvlib.toolkit.conv.conv2d`.
 
 They are what a CNN's first layer tends to learn on its own (blurs, edge and blob detectors), so
 a gallery of them next to Grad-CAM maps helps a reader see what "a convolution" does to their own
@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 from numpy.typing import ArrayLike
 
-from cvlib.atomic import atomic_write
-from cvlib.conv import conv2d
+from cvlib.files.atomic import atomic_write
+from cvlib.toolkit.conv import conv2d
 
 __all__ = [
     "BOX_BLUR",
@@ -158,7 +158,7 @@ def _load_for_gallery(image: str | os.PathLike[str] | ArrayLike, size: int) -> n
     from PIL import Image
 
     if isinstance(image, str | os.PathLike):
-        from cvlib.imageio import load_rgb
+        from cvlib.data.imageio import load_rgb
 
         pil = load_rgb(image)
     else:

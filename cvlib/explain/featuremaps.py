@@ -33,9 +33,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from cvlib.atomic import atomic_write
-from cvlib.gradcam import tokens_to_grid
-from cvlib.models import eval_mode
+from cvlib.explain.gradcam import tokens_to_grid
+from cvlib.files.atomic import atomic_write
+from cvlib.models.factory import eval_mode
 
 __all__ = [
     "LayerMaps",
@@ -226,7 +226,7 @@ def feature_maps(model: nn.Module, image_tensor: torch.Tensor, layer: str) -> to
     """The output of ``layer`` for one preprocessed image, as a float32 CPU tensor (C, h, w).
 
     ``image_tensor``: (1, C, H, W) (or (C, H, W)), normalised as the model expects, e.g. by
-    ``cvlib.transforms.eval_preset_from(meta["preprocessing"])``. The model runs in eval mode
+    ``cvlib.data.transforms.eval_preset_from(meta["preprocessing"])``. The model runs in eval mode
     (BN running statistics, no dropout): the maps are what scoring sees.
 
     Raises :class:`UnknownLayerError` (a ValueError), listing the conv layer names, when

@@ -4,11 +4,11 @@ clipping, best/last checkpoints written atomically every epoch, and exact resume
 On top of that, torchvision's recipe where asked for: two phases with pretrained weights (the head
 alone first, then everything with a lower backbone learning rate), MixUp/CutMix, an EMA of the
 weights, and early stopping. The same :func:`fit` runs in one process or in each process of a
-``torchrun`` launch (DDP; see :mod:`cvlib.train_ddp`): data sharded per rank, metrics reduced over
+``torchrun`` launch (DDP; see :mod:`cvlib.training.ddp`): data sharded per rank, metrics reduced over
 ranks, and only rank 0 checkpoints and reports epochs.
 
 Reproducibility: every random draw of an epoch is a function of (seed, epoch) alone: the shuffle,
-each sample's augmentation (see :mod:`cvlib.data`, independent of the number of DataLoader
+each sample's augmentation (see :mod:`cvlib.data.datasets`, independent of the number of DataLoader
 workers), and the main process's generator (dropout, MixUp/CutMix). A run resumed from
 ``last.pt`` in a fresh process therefore ends with the same weights as an uninterrupted one (bit
 for bit on the CPU, where the default precision is fp32).
@@ -33,26 +33,28 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.optim.lr_scheduler import LambdaLR
 from torch.optim.swa_utils import AveragedModel
 
-from cvlib import distributed as dist_
-from cvlib.checkpoint import load_checkpoint, save_atomic
-from cvlib.config import AugmentConfig, RetrainConfig, TrainConfig
-from cvlib.data import (
+from cvlib.config import RetrainConfig
+from cvlib.data.datasets import (
     CudaPrefetcher,
     EpochSampler,
     ManifestDataset,
     ShardSampler,
     make_loader,
 )
-from cvlib.evaluate import evaluate
-from cvlib.models import create_model, head_parameters, pick_device
-from cvlib.precision import autocast, autocast_dtype, needs_grad_scaler
-from cvlib.schedule import warmup_cosine_factor
-from cvlib.transforms import (
+from cvlib.data.options import AugmentConfig
+from cvlib.data.transforms import (
     EvalPreset,
     preprocessing_record,
     resize_size_for,
     train_preset,
 )
+from cvlib.models.factory import create_model, head_parameters, pick_device
+from cvlib.models.precision import autocast, autocast_dtype, needs_grad_scaler
+from cvlib.training import distributed as dist_
+from cvlib.training.checkpoint import load_checkpoint, save_atomic
+from cvlib.training.evaluate import evaluate
+from cvlib.training.options import TrainConfig
+from cvlib.training.schedule import warmup_cosine_factor
 
 LAST = "last.pt"
 BEST = "best.pt"
@@ -234,7 +236,7 @@ def fit(
     epoch (a run that stopped early stays stopped). Each epoch reseeds from (seed, epoch), so an
     interrupted and resumed run sees the same shuffles and augmentations as an uninterrupted one.
 
-    Inside an initialised ``torch.distributed`` process group (see :mod:`cvlib.distributed`),
+    Inside an initialised ``torch.distributed`` process group (see :mod:`cvlib.training.distributed`),
     every rank calls ``fit`` with the same arguments: each trains on its shard of every epoch
     (``batch_size`` is per process), validation is sharded and reduced, only rank 0 writes
     checkpoints and calls ``on_epoch``, and every rank returns the same result. ``out_dir`` must

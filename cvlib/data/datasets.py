@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from cvlib.imageio import load_rgb
+from cvlib.data.imageio import load_rgb
 
 _MASK64 = (1 << 64) - 1
 

@@ -38,7 +38,7 @@ def evaluate(
 ) -> Evaluation:
     """Evaluate in eval mode and restore the model's previous mode afterwards. Losses and
     probabilities are computed in fp32 even when the forward runs under autocast."""
-    from cvlib.precision import autocast
+    from cvlib.models.precision import autocast
 
     was_training = model.training
     model.eval()
@@ -80,9 +80,9 @@ def evaluate_split(
 ) -> Evaluation:
     """Evaluate a packaged model on one split of a manifest, with the package's own
     preprocessing and its class order mapped onto the manifest's labels."""
-    from cvlib.data import ManifestDataset, make_loader
-    from cvlib.models import pick_device
-    from cvlib.transforms import eval_preset_from
+    from cvlib.data.datasets import ManifestDataset, make_loader
+    from cvlib.data.transforms import eval_preset_from
+    from cvlib.models.factory import pick_device
 
     pre = meta["preprocessing"]
     ds = ManifestDataset(data_root, manifest, split, eval_preset_from(pre), draft_size=2 * int(pre["resize_size"]))

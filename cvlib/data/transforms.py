@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import torch
 from torchvision.transforms import v2 as T
 
-from cvlib.config import AugmentConfig
+from cvlib.data.options import AugmentConfig
 
 
 class TrainPreset:

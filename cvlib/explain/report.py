@@ -40,14 +40,14 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from cvlib.atomic import write_bytes_atomic
-from cvlib.featuremaps import LayerMaps, choose_layers, feature_map_panels
-from cvlib.gradcam import deletion_score, explain_batch, heatmap_rgb, overlay
-from cvlib.imageio import ImageReadError, load_rgb
-from cvlib.models import eval_mode, pick_device
-from cvlib.precision import autocast as precision_autocast
-from cvlib.precision import inference_dtype
-from cvlib.transforms import denormalize, eval_preset_from
+from cvlib.data.imageio import ImageReadError, load_rgb
+from cvlib.data.transforms import denormalize, eval_preset_from
+from cvlib.explain.featuremaps import LayerMaps, choose_layers, feature_map_panels
+from cvlib.explain.gradcam import deletion_score, explain_batch, heatmap_rgb, overlay
+from cvlib.files.atomic import write_bytes_atomic
+from cvlib.models.factory import eval_mode, pick_device
+from cvlib.models.precision import autocast as precision_autocast
+from cvlib.models.precision import inference_dtype
 
 __all__ = [
     "DELETION_FRACTION",
@@ -181,7 +181,7 @@ def png_b64(array_or_image: np.ndarray | Image.Image) -> str:
 def _env() -> Environment:
     # autoescape=True for everything this environment renders (not by file name): the report
     # template is the only one, and user data must never reach it unescaped.
-    env = Environment(loader=PackageLoader("cvlib", "templates"), autoescape=True, undefined=StrictUndefined)
+    env = Environment(loader=PackageLoader("cvlib.explain", "templates"), autoescape=True, undefined=StrictUndefined)
     env.filters["pct"] = lambda v, digits=1: "–" if v is None or _nan(v) else f"{100 * float(v):.{digits}f}%"
     env.filters["num"] = _num
     env.filters["signed"] = _signed
@@ -373,7 +373,7 @@ def explain_files(
 ) -> tuple[list[ReportSample], list[dict]]:
     """Grad-CAM (predicted class; true class too when they differ) for each file, and the
     deletion faithfulness score of the predicted-class map. Misclassified samples come first,
-    worst loss first. ``precision``: the trunk's, see :func:`cvlib.gradcam.explain_batch`."""
+    worst loss first. ``precision``: the trunk's, see :func:`cvlib.explain.gradcam.explain_batch`."""
     root = Path(root)
     dev = pick_device(device)
     model = model.to(dev)
@@ -460,7 +460,7 @@ def explain_feature_maps(
     """Feature maps for the first ``images`` of ``samples`` (the report's order: misclassified
     first, worst loss first), at the crop the model saw. ``layers``: module names, checked before
     any image is read; none: a few layers from early to late
-    (:func:`cvlib.featuremaps.default_layers`). Per image and layer, the ``channels`` channels
+    (:func:`cvlib.explain.featuremaps.default_layers`). Per image and layer, the ``channels`` channels
     with the highest mean activation. One forward for all the images, hooks on every layer."""
     chosen = choose_layers(model, layers)
     if images < 1:

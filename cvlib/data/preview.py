@@ -47,7 +47,7 @@ def _to_display(x: Any, norm: tuple[Sequence[float], Sequence[float]] | None) ->
     if t.dim() != 3:
         raise ValueError(f"the preset must return one (C, H, W) image, got shape {tuple(t.shape)}")
     if norm is not None:
-        from cvlib.transforms import denormalize
+        from cvlib.data.transforms import denormalize
 
         t = denormalize(t, *norm)
     elif not x.is_floating_point():
@@ -67,8 +67,8 @@ def _png(fig) -> bytes:
 def augmentation_preview(image, train_preset: Callable, n: int = 8, seed: int = 0) -> bytes:
     """The original image and ``n`` augmented versions of it, as a PNG grid.
 
-    ``image``: a PIL image (decoded as training decodes it, e.g. ``cvlib.imageio.load_rgb``);
-    ``train_preset``: the callable training uses (``cvlib.transforms.train_preset(cfg.augment)``).
+    ``image``: a PIL image (decoded as training decodes it, e.g. ``cvlib.data.imageio.load_rgb``);
+    ``train_preset``: the callable training uses (``cvlib.data.transforms.train_preset(cfg.augment)``).
     Its output is denormalised with the preset's own ``Normalize`` mean and std, so colours look
     as they do on disk. The draws are seeded (``seed``) inside a forked RNG: the same call gives
     the same picture, and the caller's random streams (training's reproducibility) are untouched.

@@ -1,14 +1,14 @@
-"""Fine-tune on several GPUs or machines: :func:`cvlib.train.fit` in every process of a
+"""Fine-tune on several GPUs or machines: :func:`cvlib.training.fit.fit` in every process of a
 ``torchrun`` launch, without Prefect or MLflow.
 
 One machine, 4 GPUs::
 
-    torchrun --nproc_per_node 4 -m cvlib.train_ddp DATA_DIR --out runs/a --config retrain.json
+    torchrun --nproc_per_node 4 -m cvlib.training.ddp DATA_DIR --out runs/a --config retrain.json
 
 Two machines (run on each, ``--node_rank`` 0 and 1, MASTER on the first)::
 
     torchrun --nnodes 2 --node_rank 0 --nproc_per_node 8 --master_addr HOST --master_port 29500 \\
-        -m cvlib.train_ddp DATA_DIR --out /shared/runs/a
+        -m cvlib.training.ddp DATA_DIR --out /shared/runs/a
 
 Every process trains on its shard of each epoch (``batch_size`` is per process: the global batch
 is ``batch_size x WORLD_SIZE``, and the learning rate is not rescaled for you). Rank 0 builds the
@@ -30,7 +30,7 @@ MANIFEST = "manifest.parquet"
 
 
 def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m cvlib.train_ddp", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m cvlib.training.ddp", description=__doc__.split("\n\n")[0])
     p.add_argument("data_dir", help="image folder, one sub-folder per class")
     p.add_argument("--out", required=True, help="checkpoint folder (resumed from when it holds last.pt)")
     p.add_argument("--manifest", help="manifest Parquet (default: built by rank 0 into OUT/manifest.parquet)")
@@ -64,15 +64,15 @@ def build_config(args: argparse.Namespace):
 
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
-    from cvlib import distributed
-    from cvlib.ingest import (
+    from cvlib.data.ingest import (
         build_manifest,
         class_names,
         dataset_hash,
         read_manifest,
         write_manifest,
     )
-    from cvlib.train import fit
+    from cvlib.training import distributed
+    from cvlib.training.fit import fit
 
     config = build_config(args)  # before joining: a bad option fails every rank the same way
     dinfo = distributed.init_from_env(args.backend)

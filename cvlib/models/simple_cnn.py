@@ -4,7 +4,7 @@ Why a from-scratch CNN next to torchvision's backbones: with no pretrained weigh
 machines), a ResNet-50 trained from random initialisation on a small data set is slow and
 overfits; three conv blocks train in seconds on a CPU and are the right size for small grey or
 colour images (digits, icons, defects on a patch). They are also the easiest model to open up:
-:mod:`cvlib.featuremaps` shows what each block responds to.
+:mod:`cvlib.explain.featuremaps` shows what each block responds to.
 
 Changes from the notebook, each for a reason:
 
@@ -16,7 +16,7 @@ Changes from the notebook, each for a reason:
 * The blocks live in ``features`` (named ``block1``..``block3``, each ``conv``/``bn``/``relu``/
   ``pool``) so that Grad-CAM's default target layer rule (the last block of ``features``) and
   feature-map layer names (``features.block1.relu``) work without special cases.
-* The head is ``fc``, built by :func:`cvlib.models.transfer_head` (Dropout -> Linear -> ReLU ->
+* The head is ``fc``, built by :func:`cvlib.models.factory.transfer_head` (Dropout -> Linear -> ReLU ->
   Dropout -> Linear): the same head and the same state-dict keys as every other visionflow model,
   so ``create_model("simple_cnn", ...)`` can treat it like a torchvision backbone whose last layer
   is ``fc``.
@@ -30,6 +30,8 @@ from collections import OrderedDict
 
 import torch
 from torch import nn
+
+from cvlib.models.heads import transfer_head
 
 __all__ = ["SimpleCNN", "build_simple_cnn"]
 
@@ -53,7 +55,7 @@ class SimpleCNN(nn.Module):
     then the transfer head ``fc`` (``hidden_dim`` units, ``dropout``).
 
     ``hidden_dim=None`` (or 0) gives a single ``Linear`` as ``fc`` instead: the form
-    :func:`cvlib.models.create_model` builds and then fits its own head onto, as it does for a
+    :func:`cvlib.models.factory.create_model` builds and then fits its own head onto, as it does for a
     torchvision backbone.
     """
 
@@ -80,10 +82,6 @@ class SimpleCNN(nn.Module):
         self.flatten = nn.Flatten(1)
         self.num_features = 4 * width
         if hidden_dim:
-            from cvlib.models import (
-                transfer_head,  # models imports this module: import late
-            )
-
             self.fc: nn.Module = transfer_head(self.num_features, num_classes, hidden_dim=hidden_dim, dropout=dropout)
         else:
             self.fc = nn.Linear(self.num_features, num_classes)
@@ -108,6 +106,6 @@ class SimpleCNN(nn.Module):
 
 
 def build_simple_cnn(num_classes: int, *, in_channels: int = 3, width: int = 32) -> SimpleCNN:
-    """The backbone form for :func:`cvlib.models.create_model`: a plain ``Linear`` at ``fc``,
+    """The backbone form for :func:`cvlib.models.factory.create_model`: a plain ``Linear`` at ``fc``,
     which create_model replaces by the transfer head with the requested size and dropout."""
     return SimpleCNN(num_classes, in_channels=in_channels, width=width, hidden_dim=None)

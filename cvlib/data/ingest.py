@@ -33,9 +33,9 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from cvlib.config import DataConfig
-from cvlib.imageio import ALLOWED_FORMATS, ImageReadError, claims_image, probe
-from cvlib.parquet import write_table_atomic
+from cvlib.data.imageio import ALLOWED_FORMATS, ImageReadError, claims_image, probe
+from cvlib.data.options import DataConfig
+from cvlib.files.parquet import write_table_atomic
 
 log = logging.getLogger(__name__)
 

@@ -9,9 +9,9 @@ The pipeline, for one list of files (a *shard*):
   undecoded and nvJPEG decodes the whole batch on the GPU (``gpu_decode``).
 * **compute** in the calling thread: batched, channels_last, BatchNorm folded into the
   convolutions, autocast in bf16 on CPUs with native bf16 and bf16/fp16 on CUDA
-  (:func:`cvlib.precision.inference_dtype`), optionally ``torch.compile``-d.
+  (:func:`cvlib.models.precision.inference_dtype`), optionally ``torch.compile``-d.
 * **write** in a writer thread behind a bounded queue: rows become Parquet *part files*, each
-  written under a temporary name and renamed into place when complete (:mod:`cvlib.atomic`),
+  written under a temporary name and renamed into place when complete (:mod:`cvlib.files.atomic`),
   with the explicit :data:`PREDICTIONS_SCHEMA` and the class list and scoring configuration in
   the key-value metadata.
 
@@ -56,11 +56,11 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from cvlib.imageio import DEFAULT_MAX_PIXELS, JPEG_FORMATS, ImageReadError, load_rgb
-from cvlib.inputs import list_input_files
-from cvlib.models import pick_device
-from cvlib.parquet import write_table_atomic
-from cvlib.transforms import eval_preset_from
+from cvlib.data.imageio import DEFAULT_MAX_PIXELS, JPEG_FORMATS, ImageReadError, load_rgb
+from cvlib.data.transforms import eval_preset_from
+from cvlib.files.parquet import write_table_atomic
+from cvlib.inference.inputs import list_input_files
+from cvlib.models.factory import pick_device
 
 __all__ = [
     "PREDICTIONS_SCHEMA", "ModelRunner", "fuse_for_inference", "OutputLayout", "ScoringOptions", "ScoringStats", "ScoringDataset", "compact_parts",
@@ -112,7 +112,7 @@ class ScoringOptions:
     top_k: int = 5
     num_workers: int = 2  # decoding workers (processes, or threads where forking is not allowed)
     device: str = "auto"
-    precision: str = "auto"  # see cvlib.precision.inference_dtype
+    precision: str = "auto"  # see cvlib.models.precision.inference_dtype
     compile: bool = False  # torch.compile the model (batches padded to batch_size: one graph)
     gpu_decode: str = "auto"  # JPEGs decoded on the device (nvJPEG on CUDA): auto (with CUDA), on, off
     loader: str = "auto"  # auto (processes unless this process is daemonic), processes, threads
@@ -209,7 +209,7 @@ def _jpeg_orientation(im: Image.Image) -> int:
     """EXIF orientation of an opened JPEG (its EXIF is in the header: nothing is decoded)."""
     try:
         value = int(im.getexif().get(_EXIF_ORIENTATION, 1))
-    except Exception:  # noqa: BLE001 - broken EXIF means no orientation, as in cvlib.imageio
+    except Exception:  # noqa: BLE001 - broken EXIF means no orientation, as in cvlib.data.imageio
         return 1
     return value if 1 <= value <= 8 else 1
 
@@ -361,7 +361,7 @@ def _batches(ds: ScoringDataset, options: ScoringOptions, pin_memory: bool) -> I
 
 # --------------------------------------------------------------------------- GPU JPEG decoding
 
-# EXIF orientation -> the same transposes as cvlib.imageio (PIL), on (..., H, W) tensors.
+# EXIF orientation -> the same transposes as cvlib.data.imageio (PIL), on (..., H, W) tensors.
 _ORIENT = {
     2: lambda x: x.flip(-1),
     3: lambda x: x.flip(-1, -2),
@@ -465,7 +465,7 @@ class ModelRunner:
         self.dev, self.amp_dtype = dev, amp_dtype
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        from cvlib.precision import autocast
+        from cvlib.models.precision import autocast
 
         n = x.shape[0]
         if self.pad_to and n < self.pad_to:
@@ -539,7 +539,7 @@ def _scored_batches(
     done: Mapping[str, str | None] | None = None,
 ) -> Iterator[tuple[list[dict], int]]:
     """Yield (rows, skipped) per batch, in input order: one row for every file not skipped."""
-    from cvlib.precision import inference_dtype
+    from cvlib.models.precision import inference_dtype
 
     dev = pick_device(options.device)
     amp_dtype = inference_dtype(options.precision, dev)
@@ -746,7 +746,7 @@ def score_to_parts(
     Parts are named ``part-{shard:05d}-{token}-{seq:05d}.parquet`` with a fresh token per call,
     so retries and concurrent shards never overwrite each other's parts.
     """
-    from cvlib.precision import inference_dtype
+    from cvlib.models.precision import inference_dtype
 
     options = options or ScoringOptions()
     parts_dir = Path(parts_dir)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cvlib.atomic import atomic_write
+from cvlib.files.atomic import atomic_write
 
 
 def write_table_atomic(table: pa.Table, out: str | os.PathLike[str], metadata: dict[str, str] | None = None) -> Path:
