@@ -41,8 +41,10 @@ from PIL import Image, ImageEnhance
 from sklearn.datasets import load_sample_images
 
 from cvlib.data.imageio import is_image_name
-from cvlib.data.ingest import GROUP_REASONS, build_manifest, summarize
+from cvlib.data.ingest import build_manifest
 from cvlib.data.options import DataConfig
+from cvlib.data.summary import summarize
+from cvlib.data.verdicts import GROUP_REASONS
 
 CLASSES = ("harbour", "temple", "petals", "garden")
 MARKER = ".bench-complete.json"  # hidden: ingestion skips it; lets --keep reuse a folder

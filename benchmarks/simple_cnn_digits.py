@@ -121,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from cvlib.data.demo import write_digits
-    from cvlib.data.ingest import build_manifest, class_names
+    from cvlib.data.ingest import build_manifest
+    from cvlib.data.manifest import class_names
     from cvlib.data.options import DataConfig
     from cvlib.training.fit import fit
 

@@ -71,8 +71,10 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
-    from cvlib.data.ingest import build_manifest, dataset_hash, summarize, write_manifest
+    from cvlib.data.ingest import build_manifest
+    from cvlib.data.manifest import dataset_hash, write_manifest
     from cvlib.data.options import DataConfig
+    from cvlib.data.summary import summarize
 
     t0 = time.perf_counter()
     data_dir = _existing(args.data_dir, "data folder", folder=True)
@@ -449,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # known user-facing failures read as one line, not a traceback
         from pydantic import ValidationError
 
-        from cvlib.data.ingest import DataSetError
+        from cvlib.data.verdicts import DataSetError
         from cvlib.explain.featuremaps import UnknownLayerError
         from cvlib.models.factory import WeightsUnavailableError
 

@@ -32,7 +32,7 @@ def _default_output_dir(data_dir: str) -> Path:
 
 def _example_image(data) -> str | None:
     """A validation image for the model's input example."""
-    from cvlib.data.ingest import read_manifest
+    from cvlib.data.manifest import read_manifest
 
     manifest = read_manifest(data.manifest_path)
     val = manifest[(manifest["status"] == "ok") & (manifest["split"] == "val")]

@@ -99,7 +99,7 @@ def validation_report(
     """Report on the validation split, for the retraining run: the whole split is screened, the
     chosen images get CAMs, and the validation stage's figures and confusion matrix (over the
     whole split, from ``evaluation_dir/val_metrics.json``) are embedded."""
-    from cvlib.data.ingest import read_manifest
+    from cvlib.data.manifest import read_manifest
     from cvlib.explain.report import confusions_from_matrix, load_evaluation
     from cvlib.training.checkpoint import model_from_checkpoint
 

@@ -8,15 +8,10 @@ from pathlib import Path
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
 
-from cvlib.data.ingest import (
-    build_manifest,
-    check_trainable,
-    class_names,
-    dataset_hash,
-    summarize,
-    write_manifest,
-)
+from cvlib.data.ingest import build_manifest
+from cvlib.data.manifest import class_names, dataset_hash, write_manifest
 from cvlib.data.options import DataConfig
+from cvlib.data.summary import check_trainable, summarize
 from tasks.environment import visionflow_home
 from tasks.log import run_logger
 from tasks.records import IngestResult

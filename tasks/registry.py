@@ -230,7 +230,7 @@ def _champion_version(name: str):
 def _score_champion(champion, ingest: IngestResult, metric: str, batch_size: int, num_workers: int) -> tuple[float | None, str | None]:
     """Re-evaluate the champion on the challenger's validation split: scores recorded at its own
     training time came from another split and are not comparable. Returns (score, why not)."""
-    from cvlib.data.ingest import read_manifest
+    from cvlib.data.manifest import read_manifest
     from cvlib.training.checkpoint import load_package
     from cvlib.training.evaluate import evaluate_split
     from cvlib.training.metrics import classification_metrics

@@ -9,7 +9,7 @@ from prefect import task
 from prefect.artifacts import create_table_artifact
 
 from cvlib.config import RetrainConfig
-from cvlib.data.ingest import read_manifest
+from cvlib.data.manifest import read_manifest
 from tasks.log import run_logger
 from tasks.records import IngestResult, TrainResult, Validation
 from tasks.registry import log_artifact, log_artifacts, log_metrics, set_run_tag, system_metrics

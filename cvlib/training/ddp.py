@@ -64,13 +64,8 @@ def build_config(args: argparse.Namespace):
 
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
-    from cvlib.data.ingest import (
-        build_manifest,
-        class_names,
-        dataset_hash,
-        read_manifest,
-        write_manifest,
-    )
+    from cvlib.data.ingest import build_manifest
+    from cvlib.data.manifest import class_names, dataset_hash, read_manifest, write_manifest
     from cvlib.training import distributed
     from cvlib.training.fit import fit
 

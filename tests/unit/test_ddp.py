@@ -136,7 +136,7 @@ def ddp_run(tmp_path_factory):
 
 def test_ranks_train_on_disjoint_shards_of_every_epoch(ddp_run):
     out, _, _, reports, _ = ddp_run
-    from cvlib.data.ingest import read_manifest
+    from cvlib.data.manifest import read_manifest
 
     manifest = read_manifest(out / "manifest.parquet")  # built by rank 0, read by both
     n_train = int(((manifest["split"] == "train") & (manifest["status"] == "ok")).sum())
@@ -175,7 +175,7 @@ def test_only_rank_zero_checkpoints_and_reports(ddp_run):
 def test_validation_metrics_equal_one_process_on_the_whole_split(ddp_run):
     out, cfg, outputs, _, states = ddp_run
     from cvlib.data.datasets import ManifestDataset, make_loader
-    from cvlib.data.ingest import class_names, read_manifest
+    from cvlib.data.manifest import class_names, read_manifest
     from cvlib.data.transforms import EvalPreset, resize_size_for
     from cvlib.training.evaluate import evaluate
 

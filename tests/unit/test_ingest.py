@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import itertools
 import os
 import subprocess
 import sys
@@ -18,77 +17,22 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 from PIL import Image
 
-from cvlib.data import ingest
-from cvlib.data.ingest import (
-    MANIFEST_SCHEMA,
-    REASONS,
-    DataSetError,
-    FileRecord,
-    build_manifest,
-    check_trainable,
-    class_names,
-    dataset_hash,
-    near_duplicate_groups,
-    read_manifest,
-    records_to_manifest,
-    split_for,
-    summarize,
-    write_manifest,
-)
+from cvlib.data import inspection
+from cvlib.data.ingest import build_manifest
+from cvlib.data.manifest import MANIFEST_SCHEMA, read_manifest, write_manifest
 from cvlib.data.options import DataConfig
-
-
-def picture(seed: int, size: tuple[int, int] = (64, 48)) -> Image.Image:
-    """A smooth random scene, different for every seed (so never a near-duplicate by chance)."""
-    rng = np.random.default_rng(seed)
-    low = Image.fromarray((rng.random((5, 6, 3)) * 255).astype(np.uint8))
-    return low.resize(size, Image.Resampling.BICUBIC)
-
-
-def encode(im: Image.Image, fmt: str = "JPEG", **kw) -> bytes:
-    buf = io.BytesIO()
-    im.save(buf, fmt, **kw)
-    return buf.getvalue()
-
-
-def put(root: Path, rel: str, data: bytes | Image.Image, fmt: str = "JPEG") -> Path:
-    p = root / rel
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_bytes(encode(data, fmt) if isinstance(data, Image.Image) else data)
-    return p
-
-
-def make_classes(root: Path, per_class: dict[str, int], seed: int = 0) -> None:
-    for k, (label, n) in enumerate(per_class.items()):
-        for i in range(n):
-            put(root, f"{label}/img_{i:03d}.jpg", picture(seed + 1000 * k + i))
-
-
-def row(manifest: pd.DataFrame, path: str) -> pd.Series:
-    found = manifest[manifest["path"] == path]
-    assert len(found) == 1, (path, list(manifest["path"]))
-    return found.iloc[0]
-
-
-def assert_verdict(manifest: pd.DataFrame, path: str, status: str, reason: str | None) -> pd.Series:
-    r = row(manifest, path)
-    assert (r["status"], None if pd.isna(r["reason"]) else r["reason"]) == (status, reason), r.to_dict()
-    if status == "quarantined":
-        assert reason in REASONS
-        assert isinstance(r["detail"], str) and r["detail"], "a quarantined file must say why"
-        assert pd.isna(r["split"]), "a quarantined file takes no split"
-    return r
+from cvlib.data.splits import split_for
+from cvlib.data.summary import check_trainable, summarize
+from cvlib.data.verdicts import DataSetError, nfc
+from tests.unit.ingest_support import assert_verdict, encode, ingest_config, make_classes, picture, put, row
 
 
 @pytest.fixture
 def cfg() -> DataConfig:
-    return DataConfig(val_fraction=0.25, test_fraction=0.0, min_images_per_class=2)
+    return ingest_config()
 
 
 # --------------------------------------------------------------------------- scanning
@@ -128,7 +72,7 @@ def test_scan_recursive_case_insensitive_and_hostile_names(tmp_path, cfg):
     # deterministic: sorted by NFC path, identical on a second run and with one thread
     again, _ = build_manifest(root, cfg, workers=1)
     assert again.equals(manifest)
-    keys = [ingest._nfc(p) for p in manifest["path"]]
+    keys = [nfc(p) for p in manifest["path"]]
     assert keys == sorted(keys)
 
 
@@ -183,14 +127,14 @@ def test_every_bad_file_gets_its_own_reason(tmp_path):
 
 def test_an_unexpected_failure_in_one_file_does_not_stop_ingestion(tmp_path, cfg, monkeypatch):
     make_classes(tmp_path, {"a": 3})
-    real = ingest.inspect_file
+    real = inspection.inspect_file
 
     def flaky(root, rel, label, *args, **kwargs):
         if rel.endswith("img_001.jpg"):
             raise RuntimeError("libfoo exploded")
         return real(root, rel, label, *args, **kwargs)
 
-    monkeypatch.setattr(ingest, "inspect_file", flaky)
+    monkeypatch.setattr(inspection, "inspect_file", flaky)
     m, _ = build_manifest(tmp_path, cfg)
     r = assert_verdict(m, "a/img_001.jpg", "quarantined", "unreadable")
     assert r["detail"] == "RuntimeError: libfoo exploded"
@@ -207,7 +151,7 @@ def test_unreadable_file_is_quarantined(tmp_path, cfg, monkeypatch):
             raise PermissionError(13, "Permission denied", str(path))
         return open(path, *args, **kwargs)
 
-    monkeypatch.setattr(ingest, "open", guarded_open, raising=False)
+    monkeypatch.setattr(inspection, "open", guarded_open, raising=False)
     m, _ = build_manifest(tmp_path, cfg)
     r = assert_verdict(m, "a/locked.jpg", "quarantined", "unreadable")
     assert r["detail"] == "Permission denied"
@@ -255,8 +199,8 @@ def test_symlinks_leaving_the_root_are_refused_without_reading(tmp_path, cfg, mo
     (root / "a" / "dangling.jpg").symlink_to(tmp_path / "gone.jpg")
 
     seen: list[str] = []
-    real = ingest.inspect_file
-    monkeypatch.setattr(ingest, "inspect_file", lambda r, rel, *a, **k: seen.append(rel) or real(r, rel, *a, **k))
+    real = inspection.inspect_file
+    monkeypatch.setattr(inspection, "inspect_file", lambda r, rel, *a, **k: seen.append(rel) or real(r, rel, *a, **k))
     m, skipped = build_manifest(root, cfg)
 
     for path in ("a/stolen.jpg", "a/linked_dir", "c"):
@@ -355,20 +299,6 @@ def test_near_duplicate_lands_in_the_same_split(tmp_path, cfg):
     assert row(off, "a/original.jpg")["split"] != row(off, "a/reencoded.jpg")["split"]
 
 
-def test_near_duplicate_groups_match_brute_force():
-    rng = np.random.default_rng(0)
-    base = rng.integers(0, 2**63, size=40, dtype=np.uint64)
-    flips = [np.uint64(1) << np.uint64(b) for b in rng.integers(0, 64, size=200)]
-    hashes = np.concatenate([base, [base[i % 40] ^ f for i, f in enumerate(flips)], base[:5]])
-    n = len(hashes)
-    for distance in (0, 1, 3, 4, 6):
-        got = near_duplicate_groups(hashes, distance)
-        want = _brute_force_groups([int(h) for h in hashes], distance)
-        for i in range(n):
-            for j in range(n):
-                assert (got[i] == got[j]) == (want[i] == want[j]), (distance, i, j)
-
-
 def _reference_phash(data: bytes) -> int:
     """pHash as documented, written the plain way: the 1/8 greyscale draft for a JPEG, 32x32
     box average, 2-D DCT, the 8x8 lowest frequencies against their median."""
@@ -400,77 +330,7 @@ def test_manifest_phash_is_the_documented_hash_bit_for_bit(tmp_path, cfg):
         assert row(m, rel)["phash"] == f"{_reference_phash(data):016x}", rel
 
 
-def test_near_duplicate_groups_match_brute_force_in_crowded_buckets():
-    """Low-entropy hashes put dozens of values in one block bucket: the pair-by-pair path."""
-    rng = np.random.default_rng(3)
-    low, high = rng.integers(0, 2**10, size=300, dtype=np.uint64), rng.integers(0, 3, size=300, dtype=np.uint64)
-    hashes = low | (high << np.uint64(50))
-    for distance in (1, 2, 4):
-        got = near_duplicate_groups(hashes, distance)
-        want = _brute_force_groups([int(h) for h in hashes], distance)
-        same_got = got[:, None] == got[None, :]
-        same_want = np.array(want)[:, None] == np.array(want)[None, :]
-        assert (same_got == same_want).all(), distance
-
-
-def test_near_duplicate_group_id_is_the_smallest_member():
-    hashes = np.array([0b1111, 0b0111, 1 << 40, 0b0011, (1 << 40) | 1], dtype=np.uint64)
-    # distinct hashes in sorted order: 3, 7, 15, 2**40, 2**40 + 1
-    assert near_duplicate_groups(hashes, 1).tolist() == [0, 0, 3, 0, 3]
-    assert near_duplicate_groups(hashes, 0).tolist() == [2, 1, 3, 0, 4]
-    assert near_duplicate_groups(np.array([], dtype=np.uint64), 4).tolist() == []
-
-
-def _brute_force_groups(hashes: list[int], distance: int) -> list[int]:
-    parent = list(range(len(hashes)))
-
-    def find(a: int) -> int:
-        while parent[a] != a:
-            a = parent[a]
-        return a
-
-    for i, j in itertools.combinations(range(len(hashes)), 2):
-        if (hashes[i] ^ hashes[j]).bit_count() <= distance:
-            parent[find(i)] = find(j)
-    return [find(i) for i in range(len(hashes))]
-
-
 # --------------------------------------------------------------------------- splits
-
-
-def _records(hashes: list[str], labels: list[str]) -> list[FileRecord]:
-    return [
-        FileRecord(f"{lab}/{h[:12]}.jpg", lab, h, 100, 1, 8, 8, "JPEG", "RGB", 1)
-        for h, lab in zip(hashes, labels, strict=True)
-    ]
-
-
-hash_lists = st.lists(st.binary(min_size=4, max_size=4), min_size=1, max_size=40, unique=True)
-
-
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(old=hash_lists, new=hash_lists, n_classes=st.integers(1, 4), salt=st.text(max_size=5))
-def test_adding_images_never_moves_an_existing_one(old, new, n_classes, salt):
-    cfg = DataConfig(val_fraction=0.3, test_fraction=0.2, split_salt=salt)
-    digest = [hashlib.sha256(b).hexdigest() for b in old + [b for b in new if b not in old]]
-    labels = [f"c{int(h, 16) % n_classes}" for h in digest]
-    before = records_to_manifest(_records(digest[: len(old)], labels[: len(old)]), cfg)
-    after = records_to_manifest(_records(digest, labels), cfg)
-    merged = before.merge(after, on="path", suffixes=("_before", "_after"))
-    assert len(merged) == len(before)
-    assert (merged["split_before"] == merged["split_after"]).all()
-
-
-def test_splits_are_stratified_and_follow_the_fractions():
-    cfg = DataConfig(val_fraction=0.2, test_fraction=0.1)
-    rng = np.random.default_rng(1)
-    hashes = [hashlib.sha256(rng.bytes(8)).hexdigest() for _ in range(3000)]
-    labels = ["a"] * 1500 + ["b"] * 1000 + ["c"] * 500
-    m = records_to_manifest(_records(hashes, labels), cfg)
-    share = m.groupby("label")["split"].value_counts(normalize=True).unstack()
-    assert ((share["val"] - 0.2).abs() < 0.05).all(), share
-    assert ((share["test"] - 0.1).abs() < 0.04).all(), share
-    assert split_for(hashes[0], cfg) == split_for(hashes[0], DataConfig(val_fraction=0.2, test_fraction=0.1))
 
 
 def test_split_depends_on_content_not_name_or_position(tmp_path, cfg):
@@ -494,13 +354,13 @@ def test_split_depends_on_content_not_name_or_position(tmp_path, cfg):
 
 def _count_inspections(monkeypatch) -> list[str]:
     calls: list[str] = []
-    real = ingest.inspect_file
+    real = inspection.inspect_file
 
     def counting(root, rel, *args, **kwargs):
         calls.append(rel)
         return real(root, rel, *args, **kwargs)
 
-    monkeypatch.setattr(ingest, "inspect_file", counting)
+    monkeypatch.setattr(inspection, "inspect_file", counting)
     return calls
 
 
@@ -576,14 +436,14 @@ def test_every_file_is_read_once_whatever_the_thread_count(tmp_path, cfg, monkey
 def test_a_failing_progress_callback_stops_ingestion_and_is_raised(tmp_path, cfg, monkeypatch):
     make_classes(tmp_path, {"a": 30})
     calls: list[str] = []
-    real = ingest.inspect_file
+    real = inspection.inspect_file
 
     def slow(root, rel, *args, **kwargs):  # 30 files x 20 ms on 2 threads: the failure comes first
         calls.append(rel)
         time.sleep(0.02)
         return real(root, rel, *args, **kwargs)
 
-    monkeypatch.setattr(ingest, "inspect_file", slow)
+    monkeypatch.setattr(inspection, "inspect_file", slow)
 
     def fail(done: int, total: int) -> None:
         if done == 2:
@@ -601,14 +461,14 @@ def test_an_error_that_escapes_a_worker_is_raised_not_lost(tmp_path, cfg, monkey
         pass
 
     make_classes(tmp_path, {"a": 6})
-    real = ingest.inspect_file
+    real = inspection.inspect_file
 
     def boom(root, rel, *args, **kwargs):
         if rel.endswith("img_003.jpg"):
             raise Stop
         return real(root, rel, *args, **kwargs)
 
-    monkeypatch.setattr(ingest, "inspect_file", boom)
+    monkeypatch.setattr(inspection, "inspect_file", boom)
     before = threading.active_count()
     for progress in (None, lambda d, t: None):
         with pytest.raises(Stop):
@@ -617,78 +477,6 @@ def test_an_error_that_escapes_a_worker_is_raised_not_lost(tmp_path, cfg, monkey
 
 
 # --------------------------------------------------------------------------- the result
-
-
-def test_manifest_columns_and_atomic_roundtrip(tmp_path, cfg):
-    make_classes(tmp_path / "d", {"a": 3, "b": 2})
-    put(tmp_path / "d", "a/bad.jpg", b"")
-    m, _ = build_manifest(tmp_path / "d", cfg)
-    assert list(m.columns) == MANIFEST_SCHEMA.names
-    out = write_manifest(m, tmp_path / "out" / "manifest.parquet", metadata={"root": "d"})
-    assert pq.read_schema(out).names == MANIFEST_SCHEMA.names
-    assert [p.name for p in out.parent.iterdir()] == ["manifest.parquet"]  # no temp file left
-    back = read_manifest(out)
-    assert back["path"].tolist() == m["path"].tolist()
-    assert back["status"].tolist() == m["status"].tolist()
-    assert dataset_hash(back) == dataset_hash(m)
-    assert int(back.loc[back["path"] == "a/img_000.jpg", "width"].iloc[0]) == 64
-
-
-def test_summary_counts_sizes_and_imbalance(tmp_path, cfg):
-    for i in range(6):
-        put(tmp_path, f"big/{i}.jpg", picture(i, (40 + 10 * i, 30)))
-    for i in range(2):
-        put(tmp_path, f"small/{i}.png", picture(100 + i, (20, 20 + i)), "PNG")
-    put(tmp_path, "small/broken.jpg", b"nope")
-    m, _ = build_manifest(tmp_path, cfg)
-    s = summarize(m)
-    assert (s["files"], s["ok"], s["quarantined"], s["classes"]) == (9, 8, 1, 2)
-    assert s["class_counts"] == {"big": 6, "small": 2}
-    assert s["imbalance_ratio"] == 3.0
-    assert s["image_size"]["width"] == {"min": 20, "median": 55.0, "max": 90}
-    assert s["image_size"]["height"] == {"min": 20, "median": 30.0, "max": 30}
-    assert s["formats"] == {"JPEG": 6, "PNG": 2}
-    assert s["reasons"] == {"not_an_image": 1}
-    assert sum(sum(v.values()) for v in s["per_class"].values()) == 8
-    assert sum(s["splits"].values()) == 8
-
-
-def test_check_trainable_names_the_small_class(tmp_path):
-    cfg = DataConfig(min_images_per_class=3, val_fraction=0.0)
-    make_classes(tmp_path, {"cats": 4, "dogs": 4, "newts": 1})
-    put(tmp_path, "axolotls/a.jpg", b"")
-    put(tmp_path, "axolotls/b.jpg", b"text")
-    m, _ = build_manifest(tmp_path, cfg)
-    with pytest.raises(DataSetError) as info:
-        check_trainable(m, cfg)
-    msg = str(info.value)
-    assert "'newts' has 1" in msg and "'axolotls' has 0 (2 quarantined: " in msg
-    assert "empty x1" in msg and "not_an_image x1" in msg
-    assert "'cats'" not in msg
-
-
-def test_check_trainable_needs_two_classes(tmp_path):
-    cfg = DataConfig(val_fraction=0.0)
-    make_classes(tmp_path, {"only": 5})
-    m, _ = build_manifest(tmp_path, cfg)
-    with pytest.raises(DataSetError, match="at least two classes"):
-        check_trainable(m, cfg)
-    make_classes(tmp_path, {"other": 5}, seed=50)
-    m, _ = build_manifest(tmp_path, cfg)
-    check_trainable(m, cfg)
-    assert class_names(m) == ["only", "other"]
-
-
-def test_dataset_hash_tracks_what_training_sees(tmp_path, cfg):
-    make_classes(tmp_path, {"a": 3, "b": 3})
-    m, _ = build_manifest(tmp_path, cfg)
-    h = dataset_hash(m)
-    os.utime(tmp_path / "a" / "img_000.jpg", ns=(5, 5))
-    assert dataset_hash(build_manifest(tmp_path, cfg)[0]) == h  # touching is not changing
-    put(tmp_path, "a/broken.jpg", b"")
-    assert dataset_hash(build_manifest(tmp_path, cfg)[0]) == h  # quarantined files are not seen
-    put(tmp_path, "a/new.jpg", picture(77))
-    assert dataset_hash(build_manifest(tmp_path, cfg)[0]) != h
 
 
 def test_library_does_not_import_prefect_or_mlflow():

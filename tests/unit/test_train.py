@@ -20,7 +20,8 @@ from PIL import Image
 from torch import nn
 
 from cvlib.config import RetrainConfig
-from cvlib.data.ingest import build_manifest, class_names
+from cvlib.data.ingest import build_manifest
+from cvlib.data.manifest import class_names
 from cvlib.data.options import AugmentConfig, DataConfig
 from cvlib.training.checkpoint import load_checkpoint
 from cvlib.training.fit import (
@@ -338,7 +339,7 @@ from pathlib import Path
 import torch
 torch.set_num_threads(1)  # as in the parent (see _one_thread): reductions must add in the same order
 from cvlib.config import RetrainConfig
-from cvlib.data.ingest import class_names, read_manifest
+from cvlib.data.manifest import class_names, read_manifest
 from cvlib.training.fit import fit
 
 root, manifest_path, config_path, out, ready = sys.argv[1:6]

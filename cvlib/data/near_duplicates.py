@@ -1,0 +1,105 @@
+"""Grouping near-duplicate pictures by their 64-bit perceptual hashes.
+
+Re-encoded, resized or lightly edited copies of a picture have pHashes a few bits apart; they are
+grouped (transitively) so the manifest can give every member of a group the same split.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+
+NEAR_DUPLICATE_DISTANCE = 4  # pHash bits; re-encodes and rescales land at 0-4, see benchmarks/ingest.py
+_SMALL_BUCKET = 16  # bucket sizes compared position against position; larger ones pair by pair
+
+
+def _popcount64(x: np.ndarray) -> np.ndarray:
+    if hasattr(np, "bitwise_count"):
+        return np.bitwise_count(x)
+    return np.unpackbits(x.astype(">u8").view(np.uint8).reshape(*x.shape, 8), axis=-1).sum(axis=-1)
+
+
+def near_duplicate_groups(hashes: np.ndarray, distance: int) -> np.ndarray:
+    """Group 64-bit hashes that are within ``distance`` bits of each other (transitively).
+
+    Returns a group id per hash (the smallest index, among the distinct hashes in sorted order,
+    of its group). Candidate pairs come from multi-index hashing: split the 64 bits into
+    ``distance + 1`` blocks; two hashes within ``distance`` bits agree exactly on at least one
+    block (pigeonhole), so only hashes sharing a block value are compared. That keeps it
+    near-linear instead of comparing every pair of a large folder. Everything is array work:
+    small buckets (the usual case) are compared all at once, a crowded bucket in slices of
+    bounded memory, and the groups come from label propagation over the close pairs.
+    """
+    hashes = np.asarray(hashes, dtype=np.uint64)
+    uniq, inverse = np.unique(hashes, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    n = len(uniq)
+    label = np.arange(n, dtype=np.int64)
+    distance = max(0, min(int(distance), 63))
+    if distance == 0 or n < 2:
+        return label[inverse]
+    pairs = _close_pairs(uniq, distance)
+    if pairs is not None:
+        label = _propagate(label, *pairs)
+    return label[inverse]
+
+
+def _close_pairs(uniq: np.ndarray, distance: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """Index pairs of the distinct sorted hashes ``uniq`` within ``distance`` bits (None: none)."""
+    n = len(uniq)
+    left: list[np.ndarray] = []
+    right: list[np.ndarray] = []
+
+    def keep_close(a: np.ndarray, b: np.ndarray) -> None:
+        close = _popcount64(uniq[a] ^ uniq[b]) <= distance
+        if close.any():
+            left.append(a[close])
+            right.append(b[close])
+
+    bounds = np.linspace(0, 64, distance + 2).astype(int)
+    for lo, hi in itertools.pairwise(bounds):
+        block = (uniq >> np.uint64(lo)) & np.uint64((1 << int(hi - lo)) - 1)
+        order = np.argsort(block, kind="stable")
+        sorted_block = block[order]
+        starts = np.flatnonzero(np.r_[True, sorted_block[1:] != sorted_block[:-1]])
+        sizes = np.diff(np.r_[starts, n])
+        bucket = np.repeat(np.arange(len(starts)), sizes)  # bucket of each sorted position
+        small = sizes[bucket] <= _SMALL_BUCKET
+        # small buckets: position k against position k + d of the same bucket, for every d
+        for d in range(1, min(int(sizes.max()), _SMALL_BUCKET)):
+            k = np.flatnonzero(small[:-d] & (bucket[:-d] == bucket[d:]))
+            if len(k):
+                keep_close(order[k], order[k + d])
+        # crowded buckets: every pair, in slices of bounded memory
+        for b in np.flatnonzero(sizes > _SMALL_BUCKET):
+            idx = order[starts[b] : starts[b] + sizes[b]]
+            values = uniq[idx]
+            for a in range(0, len(idx), 1024):
+                ii, jj = np.nonzero(_popcount64(values[a : a + 1024, None] ^ values[None, :]) <= distance)
+                ii = ii + a
+                upper = ii < jj
+                if upper.any():
+                    left.append(idx[ii[upper]])
+                    right.append(idx[jj[upper]])
+    if not left:
+        return None
+    return np.concatenate(left), np.concatenate(right)
+
+
+def _propagate(label: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Connected components of the pairs (a, b) as the smallest index in each, by array-wide label
+    propagation (no per-pair Python loop). ``label`` starts as ``arange(n)`` and is updated."""
+    while True:  # hook each root onto the smallest root it touches, then flatten
+        la, lb = label[a], label[b]
+        if np.array_equal(la, lb):
+            break
+        low = np.minimum(la, lb)
+        np.minimum.at(label, la, low)
+        np.minimum.at(label, lb, low)
+        while True:
+            up = label[label]
+            if np.array_equal(up, label):
+                break
+            label = up
+    return label

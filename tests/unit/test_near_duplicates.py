@@ -1,0 +1,60 @@
+"""Near-duplicate grouping by perceptual hash: the array algorithm agrees with the plain
+pair-by-pair definition, in sparse and in crowded buckets, and names each group by its smallest
+member."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+
+from cvlib.data.near_duplicates import near_duplicate_groups
+
+
+def test_near_duplicate_groups_match_brute_force():
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 2**63, size=40, dtype=np.uint64)
+    flips = [np.uint64(1) << np.uint64(b) for b in rng.integers(0, 64, size=200)]
+    hashes = np.concatenate([base, [base[i % 40] ^ f for i, f in enumerate(flips)], base[:5]])
+    n = len(hashes)
+    for distance in (0, 1, 3, 4, 6):
+        got = near_duplicate_groups(hashes, distance)
+        want = _brute_force_groups([int(h) for h in hashes], distance)
+        for i in range(n):
+            for j in range(n):
+                assert (got[i] == got[j]) == (want[i] == want[j]), (distance, i, j)
+
+
+def test_near_duplicate_groups_match_brute_force_in_crowded_buckets():
+    """Low-entropy hashes put dozens of values in one block bucket: the pair-by-pair path."""
+    rng = np.random.default_rng(3)
+    low, high = rng.integers(0, 2**10, size=300, dtype=np.uint64), rng.integers(0, 3, size=300, dtype=np.uint64)
+    hashes = low | (high << np.uint64(50))
+    for distance in (1, 2, 4):
+        got = near_duplicate_groups(hashes, distance)
+        want = _brute_force_groups([int(h) for h in hashes], distance)
+        same_got = got[:, None] == got[None, :]
+        same_want = np.array(want)[:, None] == np.array(want)[None, :]
+        assert (same_got == same_want).all(), distance
+
+
+def test_near_duplicate_group_id_is_the_smallest_member():
+    hashes = np.array([0b1111, 0b0111, 1 << 40, 0b0011, (1 << 40) | 1], dtype=np.uint64)
+    # distinct hashes in sorted order: 3, 7, 15, 2**40, 2**40 + 1
+    assert near_duplicate_groups(hashes, 1).tolist() == [0, 0, 3, 0, 3]
+    assert near_duplicate_groups(hashes, 0).tolist() == [2, 1, 3, 0, 4]
+    assert near_duplicate_groups(np.array([], dtype=np.uint64), 4).tolist() == []
+
+
+def _brute_force_groups(hashes: list[int], distance: int) -> list[int]:
+    parent = list(range(len(hashes)))
+
+    def find(a: int) -> int:
+        while parent[a] != a:
+            a = parent[a]
+        return a
+
+    for i, j in itertools.combinations(range(len(hashes)), 2):
+        if (hashes[i] ^ hashes[j]).bit_count() <= distance:
+            parent[find(i)] = find(j)
+    return [find(i) for i in range(len(hashes))]
