@@ -411,22 +411,6 @@ def _phash_loaded(im: Image.Image, orientation: int) -> int:
     return int.from_bytes(np.packbits(bits).tobytes(), "big")
 
 
-def perceptual_hash(source: Source | Image.Image, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> int:
-    """64-bit perceptual hash: re-encoded, rescaled or slightly edited copies of a picture land
-    within a few bits (:func:`hamming`) of each other, unrelated pictures far apart."""
-    if isinstance(source, Image.Image):
-        source.load()
-        return _phash_loaded(source, _orientation(source))
-    info = probe(source, max_pixels=max_pixels, phash=True)
-    assert info.phash is not None
-    return info.phash
-
-
-def hamming(a: int, b: int) -> int:
-    """Number of differing bits between two hashes."""
-    return (int(a) ^ int(b)).bit_count()
-
-
 # --------------------------------------------------------------------------- names
 
 
