@@ -225,11 +225,25 @@ def _idle_for() -> float:
         return float("inf")
 
 
+def server_env(port: int, environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of ``prefect server start --port PORT``: its UI must call the API on that
+    port. ``--port`` moves only the API; the UI's API URL (``server.ui.api_url``, served at
+    ``/ui-settings``) otherwise stays at Prefect's default ``http://127.0.0.1:4200/api``, and
+    every flow-run link would open a page that says "Can't connect to Server API". Any UI URL
+    in the caller's environment is meant for some other server, so it is replaced."""
+    env = dict(os.environ if environ is None else environ)
+    env.pop("PREFECT_UI_API_URL", None)  # the older name of the same setting
+    env["PREFECT_SERVER_UI_API_URL"] = f"http://{HOST}:{port}/api"
+    return env
+
+
 def supervise(port: int, idle: float | None, poll: float | None = None) -> int:
     """Run ``prefect server start`` as a child and stop it once idle (see the module docstring)."""
     api_url = f"http://{HOST}:{port}/api"
     prefect = Path(sys.executable).parent / "prefect"
-    server = subprocess.Popen([str(prefect), "server", "start", "--host", HOST, "--port", str(port)], stdin=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [str(prefect), "server", "start", "--host", HOST, "--port", str(port)], env=server_env(port), stdin=subprocess.DEVNULL
+    )
 
     def forward(signum: int, _frame: object) -> None:
         server.send_signal(signum)

@@ -1,14 +1,17 @@
-"""Where things go: the visionflow home, the MLflow stores and Prefect's API.
+"""Where things go, and the process-wide defaults the CLI sets before anything else runs.
 
-Environment variables win (``VISIONFLOW_HOME``, ``MLFLOW_TRACKING_URI``, ``PREFECT_API_URL``);
-otherwise everything is embedded under the visionflow home: an SQLite MLflow store with a local
-artifact folder, and Prefect's ephemeral API.
+Environment variables win (``VISIONFLOW_HOME``, ``MLFLOW_TRACKING_URI``); otherwise the MLflow
+store is embedded under the visionflow home: an SQLite database with a local artifact folder.
+Which Prefect API a command uses (``PREFECT_API_URL``, else a local server the CLI starts) is
+decided in ``flows/local_server.py``.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
+from typing import TextIO
 
 DEFAULT_HOME = "~/.visionflow"
 
@@ -49,12 +52,23 @@ def runs_dir() -> Path:
     return path
 
 
-def prefect_api_description() -> str:
-    return os.environ.get("PREFECT_API_URL") or "Prefect ephemeral API (embedded)"
+def _is_terminal(stream: object) -> bool:
+    try:
+        return bool(stream.isatty())  # type: ignore[attr-defined]
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
 
 
-def quiet_defaults() -> None:
-    """Keep telemetry off and never wait on the network (set only where the user has not)."""
+def quiet_defaults(stream: TextIO | None = None) -> None:
+    """Keep telemetry off, never wait on the network, and keep logs readable (each set only
+    where the user has not).
+
+    ``stream`` is where progress bars would be drawn (tqdm's default, ``sys.stderr``). When it
+    is not a terminal (a log file, a pipe, CI), MLflow's artifact bars ("Downloading
+    artifacts") are switched off: there every redraw would be one more line. visionflow's own
+    bars use ``tqdm(disable=None)``, which makes the same decision."""
+    if not _is_terminal(sys.stderr if stream is None else stream):
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")

@@ -3,9 +3,11 @@ that fails with a message a user can act on when pretrained weights cannot be ha
 
 from __future__ import annotations
 
+import io
 import os
+import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext, redirect_stdout
 from pathlib import Path
 
 import torch
@@ -90,15 +92,32 @@ def resolve_weights(arch: str, weights: str | None):
 
 
 def load_pretrained_state(weights) -> dict[str, torch.Tensor]:
-    """torchvision weights from the ``TORCH_HOME`` cache, downloading them if needed."""
+    """torchvision weights from the ``TORCH_HOME`` cache, downloading them if needed.
+
+    torch.hub writes ``Downloading: "URL" to PATH`` to stdout before it tries. Offline that
+    line would come before the failure and read as a download under way, so while a download
+    runs stdout is held back (process-wide, for that call only) and written out once it
+    succeeded; a failure is one :class:`WeightsUnavailableError` with the remedy and prints
+    nothing. The download's progress bar is drawn only on a terminal."""
+    cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+    held = io.StringIO()
     try:
-        return weights.get_state_dict(progress=False, check_hash=True)
+        with nullcontext() if cache.is_file() else redirect_stdout(held):
+            state = weights.get_state_dict(progress=_stderr_is_terminal(), check_hash=True)
     except Exception as exc:  # URLError, HTTPError, OSError, RuntimeError from a bad hash...
-        cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
         raise WeightsUnavailableError(
             f"pretrained weights {weights} could not be loaded ({type(exc).__name__}: {exc}). "
-            f"Put {Path(weights.url).name} in {cache.parent} (or set TORCH_HOME), or {WEIGHT_NAMES_HINT}."
+            f"Put {cache.name} in {cache.parent} (or set TORCH_HOME), or {WEIGHT_NAMES_HINT}."
         ) from exc
+    sys.stdout.write(held.getvalue())
+    return state
+
+
+def _stderr_is_terminal() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):  # replaced by an object without isatty, or closed
+        return False
 
 
 def create_model(

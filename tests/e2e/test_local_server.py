@@ -59,7 +59,8 @@ def _alive(pid: int) -> bool:
 def env(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     # 12 s: long enough to create a flow run after start-up on a busy machine, short for a test.
-    env.update(VISIONFLOW_HOME=str(tmp_path / "home"), VISIONFLOW_PREFECT_IDLE_MINUTES="0.2")
+    env.update(VISIONFLOW_HOME=str(tmp_path / "home"), VISIONFLOW_PREFECT_IDLE_MINUTES="0.2",
+               PREFECT_UI_API_URL="http://127.0.0.1:4200/api")  # meant for another server
     yield env
     _python("from flows import local_server; local_server.stop()", env, timeout=60)
 
@@ -68,6 +69,9 @@ def test_idle_server_stops_itself_but_not_while_a_flow_run_is_active(env, tmp_pa
     info = json.loads(_python("import json; from flows import local_server; print(json.dumps(local_server.start()))", env))
     api, pid = info["api_url"], int(info["pid"])
     assert api.startswith("http://127.0.0.1:") and _healthy(api)
+    # The UI calls this server's API, not Prefect's default port (nor the PREFECT_UI_API_URL set below).
+    with urllib.request.urlopen(f"{info['ui_url']}/ui-settings", timeout=10) as resp:
+        assert json.loads(resp.read())["api_url"] == api
 
     flow = _post(f"{api}/flows/", {"name": "idle-check"})
     run = _post(f"{api}/flow_runs/", {"flow_id": flow["id"], "state": {"type": "RUNNING", "name": "Running"}})

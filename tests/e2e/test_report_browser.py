@@ -1,7 +1,12 @@
-"""The Grad-CAM report as a reviewer sees it: rendered by headless Chromium from a file:// URL
-with the network off. The screenshot must not be blank, the galleries must be in the rendered
-DOM, and the inline filter script must have run without throwing (it marks <body> when done) and
-must actually filter (``#only-misclassified`` hides the correct cards).
+"""What a person opens in a browser, rendered by headless Chromium.
+
+The Grad-CAM report, from a file:// URL with the network off: the screenshot must not be blank,
+the galleries must be in the rendered DOM, and the inline filter script must have run without
+throwing (it marks <body> when done) and must actually filter (``#only-misclassified`` hides the
+correct cards).
+
+The Prefect UI behind a "View at http://127.0.0.1:PORT/runs/flow-run/..." link the CLI prints: the
+page must show that flow run, not "Can't connect to Server API".
 
 Skips, saying why, when no Chromium binary is installed (Debian: ``apt-get install chromium``).
 """
@@ -9,10 +14,13 @@ Skips, saying why, when no Chromium binary is installed (Debian: ``apt-get insta
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import shutil
 import subprocess
+import sys
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -188,3 +196,52 @@ def test_only_misclassified_filter_hides_correct_cards(report, tmp_path):
     # galleries left with no visible card fold away
     assert any(re.search(r"\shidden(=\"\")?[\s>]", g) for g in re.findall(r'<section class="gallery[^>]*>', dom))
     assert re.search(r'id="only-wrong"[^>]*', dom)
+
+
+# --------------------------------------------------------------------------- the Prefect UI
+
+VISIONFLOW = str(Path(sys.executable).parent / "visionflow")
+
+
+def _cli(*args: str, env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([VISIONFLOW, *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def flow_run_link(tmp_path_factory):
+    """(link, flow run name, CLI output) of a real `visionflow score` run on the local Prefect
+    server the CLI starts; the server is stopped afterwards."""
+    root = tmp_path_factory.mktemp("prefect-ui")
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "VISIONFLOW_PREFECT")}
+    # A UI URL in the environment (here Prefect's default) must not reach the local server's UI.
+    env.update(VISIONFLOW_HOME=str(root / "home"), PREFECT_UI_API_URL="http://127.0.0.1:4200/api")
+    try:
+        proc = _cli("demo-data", str(root / "digits"), "--per-class", "1", "--size", "32", env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        proc = _cli("score", str(root / "digits"), "--model", "torchvision/resnet18", "--weights", "none",
+                    "--out", str(root / "pred.parquet"), env=env)
+        output = proc.stdout + proc.stderr
+        assert proc.returncode == 0, output[-4000:]
+        found = re.search(r"Flow run '([^']+)' - View at (http://127\.0\.0\.1:\d+/runs/flow-run/[0-9a-f-]{36})", output)
+        assert found, f"no flow-run link in the output: {output[-3000:]}"
+        yield found.group(2), found.group(1), output
+    finally:
+        _cli("server", "stop", env=env, timeout=60)
+
+
+def test_ui_settings_name_the_servers_own_api(flow_run_link):
+    link = flow_run_link[0]
+    origin = re.match(r"http://[^/]+", link).group(0)
+    with urllib.request.urlopen(f"{origin}/ui-settings", timeout=10) as resp:
+        settings = json.loads(resp.read())
+    assert settings["api_url"] == f"{origin}/api", settings
+    assert f"Prefect API: {origin}/api" in flow_run_link[2]
+
+
+def test_printed_flow_run_link_renders_the_run(flow_run_link, tmp_path):
+    link, name, _ = flow_run_link
+    proc = _browser(["--dump-dom", "--virtual-time-budget=10000"], link, tmp_path / "profile")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    dom = proc.stdout
+    assert "Can't connect" not in dom, re.findall(r"Can't connect[^<]*<[^>]*>", dom)
+    assert re.search(rf">\s*{re.escape(name)}\s*<", dom), f"flow run {name!r} is not on the rendered page: {dom[-3000:]}"

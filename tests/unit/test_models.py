@@ -1,9 +1,9 @@
 """cvlib.models.factory: the transfer head, freezing, and weight loading that fails with a message a user
 can act on.
 
-No test touches the network: downloads are cut off by monkeypatching ``torch.hub``'s downloader
-and ``TORCH_HOME`` points at a temporary folder, so the tests mean the same thing online and
-offline.
+Downloads are cut off by monkeypatching ``torch.hub``'s downloader and ``TORCH_HOME`` points at a
+temporary folder, so the tests mean the same thing online and offline. One test leaves torch's
+real downloader in place, as a machine without internet has it, and skips where it succeeds.
 """
 
 from __future__ import annotations
@@ -170,6 +170,47 @@ def test_check_weights_offline_explains_the_remedy(offline_hub):
 def test_create_model_offline_raises_weights_unavailable(offline_hub):
     with pytest.raises(WeightsUnavailableError, match="--weights none"):
         create_model("resnet18", 3, weights="DEFAULT")
+
+
+def test_offline_failure_prints_nothing_but_the_error(offline_hub, capfd):
+    """torch.hub announces 'Downloading: "https://..." to ...' before it tries; offline that line
+    must not come before the one clear message (which the CLI prints from the exception)."""
+    with pytest.raises(WeightsUnavailableError) as info:
+        check_weights("resnet18", "DEFAULT")
+    out, err = capfd.readouterr()
+    assert (out, err) == ("", "")
+    assert "\n" not in str(info.value) and "--weights none" in str(info.value)
+
+
+def test_a_machine_without_internet_prints_nothing_but_the_error(tmp_path, monkeypatch, capfd):
+    """The same with torch's real downloader and an empty TORCH_HOME (as on a machine without
+    internet; skipped where the download succeeds)."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.setattr(torch.hub, "_hub_dir", None, raising=False)
+    try:
+        check_weights("resnet18", "DEFAULT")
+    except WeightsUnavailableError as exc:
+        out, err = capfd.readouterr()
+        assert (out, err) == ("", ""), (out, err)
+        assert "\n" not in str(exc) and R18_FILE in str(exc)
+    else:
+        pytest.skip("this machine could download the weights")
+
+
+def test_a_download_that_succeeds_still_says_where_it_went(offline_hub, r18_state, monkeypatch, capfd):
+    """Held back while it runs, torch.hub's 'Downloading: ...' line is written once the weights are in."""
+
+    def fake_download(url, dst, *args, **kwargs):
+        torch.save(r18_state, dst)
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", fake_download)
+    assert check_weights("resnet18", "DEFAULT").startswith("pretrained resnet18")
+    out, err = capfd.readouterr()
+    cached = offline_hub / "hub" / "checkpoints" / R18_FILE
+    assert out == f'Downloading: "{torchvision.models.ResNet18_Weights.DEFAULT.url}" to {cached}\n' and err == ""
+    assert cached.is_file()
+    check_weights("resnet18", "DEFAULT")  # from the cache now: nothing to say
+    assert capfd.readouterr() == ("", "")
 
 
 def test_get_state_dict_failure_is_wrapped(monkeypatch):
