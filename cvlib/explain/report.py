@@ -42,8 +42,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from cvlib.data.imageio import ImageReadError, load_rgb
 from cvlib.data.transforms import denormalize, eval_preset_from
+from cvlib.explain.faithfulness import deletion_score
 from cvlib.explain.featuremaps import LayerMaps, choose_layers, feature_map_panels
-from cvlib.explain.gradcam import deletion_score, explain_batch, heatmap_rgb, overlay
+from cvlib.explain.gradcam import explain_batch
+from cvlib.explain.heatmap import heatmap_rgb, overlay
 from cvlib.files.atomic import write_bytes_atomic
 from cvlib.models.factory import eval_mode, pick_device
 from cvlib.models.precision import autocast as precision_autocast

@@ -14,16 +14,10 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from cvlib.explain.gradcam import (
-    CamResult,
-    default_target_layer,
-    deletion_score,
-    explain_batch,
-    grad_cam,
-    heatmap_rgb,
-    overlay,
-    tokens_to_grid,
-)
+from cvlib.explain.faithfulness import deletion_score
+from cvlib.explain.gradcam import CamResult, explain_batch, grad_cam
+from cvlib.explain.heatmap import heatmap_rgb, overlay
+from cvlib.explain.target_layer import default_target_layer, tokens_to_grid
 from tests.threads import one_torch_thread
 
 ROOT = Path(__file__).resolve().parents[2]
