@@ -35,7 +35,7 @@ def explain_folder(input_dir: str, model_uri: str, out: str, config: ReportConfi
     """Report on a folder. Labels are read from class sub-folders when their names are classes;
     labelled images are screened first so the report shows the misclassified ones and the
     confusions over every screened image."""
-    from cvlib.explain.report import confusions_from_matrix
+    from cvlib.explain.summary import confusions_from_matrix
     from cvlib.inference.predict import list_input_files
     from cvlib.training.checkpoint import load_package
     from cvlib.training.metrics import classification_metrics
@@ -100,7 +100,7 @@ def validation_report(
     chosen images get CAMs, and the validation stage's figures and confusion matrix (over the
     whole split, from ``evaluation_dir/val_metrics.json``) are embedded."""
     from cvlib.data.ingest import read_manifest
-    from cvlib.explain.report import confusions_from_matrix, load_evaluation
+    from cvlib.explain.summary import confusions_from_matrix, load_evaluation
     from cvlib.training.checkpoint import model_from_checkpoint
 
     manifest = read_manifest(ingest.manifest_path)
@@ -229,14 +229,9 @@ def _md(text: object) -> str:
 def _write(model, meta, root, screening, picked, out, config: ReportConfig, *, title, subtitle, summary, metrics,
            confusions, confusions_scope, per_class, sampling, artifact_key, figures=None, run_id=None,
            feature_map_layers: list[str] | None = None) -> str:
-    from cvlib.explain.report import (
-        explain_feature_maps,
-        explain_files,
-        faithfulness_summary,
-        metric_table,
-        render_report,
-        write_report,
-    )
+    from cvlib.explain.render import render_report, write_report
+    from cvlib.explain.samples import explain_feature_maps, explain_files
+    from cvlib.explain.summary import faithfulness_summary, metric_table
 
     files = [screening.files[i] for i in picked]
     labels = [screening.labels[i] for i in picked]
