@@ -30,7 +30,7 @@ from cvlib.models.factory import eval_mode, pick_device
 from cvlib.models.precision import autocast as precision_autocast
 from cvlib.models.precision import inference_dtype
 
-__all__ = ["Screening", "choose_samples", "screen_files"]
+__all__ = ["Screening", "choose_samples", "sampling_note", "screen_files"]
 
 
 @dataclass
@@ -205,3 +205,15 @@ def choose_samples(
     # Only when there are too few of those: the misclassified ones phase 1 left out.
     leftover = [[i for i in items if i not in taken] for items in wrong_by_class.values()]
     return first + second + round_robin(leftover, n - len(first) - len(second))
+
+
+def sampling_note(screening: Screening, picked: Sequence[int], what: str) -> str:
+    """One sentence for the report on how its images were chosen (:func:`choose_samples`'s rule,
+    with this run's counts), so a reader knows the page is not a random sample."""
+    wrong = (screening.true_idx >= 0) & (screening.true_idx != screening.preds)
+    chosen_wrong = int(wrong[picked].sum()) if picked else 0
+    return (
+        f"{len(picked)} of {len(screening.files)} {what} explained, chosen after one pass over all of them: "
+        f"{chosen_wrong} of the {int(wrong.sum())} misclassified (highest loss first, spread across classes, at most half "
+        f"the budget), then correctly classified ones stratified across classes."
+    )
