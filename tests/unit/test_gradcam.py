@@ -1,4 +1,5 @@
-"""cvlib.explain.gradcam: maps, hygiene (hooks, grads, modes, grad mode), default layers, faithfulness,
+"""cvlib.explain.gradcam and the modules around it (target_layer, methods, heatmap,
+faithfulness): maps, hygiene (hooks, grads, modes, grad mode), default layers, faithfulness,
 and agreement with pytorch-grad-cam on real photos. Small models, fixed seeds, CPU only."""
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
-"""cvlib.explain.report: the Grad-CAM HTML report. Escaping, self-containment, one card per sample,
-misclassified first by loss, galleries per class, faithfulness numbers, embedded figures, the
-whole-split confusions and the screening/sampling that picks the images. A tiny random CNN on
-32 px images, one thread: fast on a shared 2-core machine."""
+"""The Grad-CAM HTML report (cvlib.explain.report, samples, summary, render). Escaping,
+self-containment, one card per sample, misclassified first by loss, galleries per class,
+faithfulness numbers, embedded figures, the whole-split confusions and the screening/sampling
+that picks the images. A tiny random CNN on 32 px images, one thread: fast on a shared 2-core
+machine."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The report's optional "Feature maps" section (cvlib.explain.report.explain_feature_maps and
+"""The report's optional "Feature maps" section (cvlib.explain.samples.explain_feature_maps and
 render_report(feature_maps=...)), the ReportConfig fields behind it and the CLI flags that set
 them. A tiny random SimpleCNN on 32 px images, one thread."""
 
