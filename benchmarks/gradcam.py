@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     x = torch.randn(args.batch, 3, args.size, args.size, generator=torch.Generator().manual_seed(args.seed))
     layer = model.layer4[-1] if hasattr(model, "layer4") else None
     if layer is None:
-        from cvlib.explain.gradcam import default_target_layer
+        from cvlib.explain.target_layer import default_target_layer
 
         layer = default_target_layer(model)
     with torch.no_grad():

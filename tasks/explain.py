@@ -35,7 +35,8 @@ def explain_folder(input_dir: str, model_uri: str, out: str, config: ReportConfi
     """Report on a folder. Labels are read from class sub-folders when their names are classes;
     labelled images are screened first so the report shows the misclassified ones and the
     confusions over every screened image."""
-    from cvlib.explain.report import confusions_from_matrix
+    from cvlib.explain.report import sampling_note
+    from cvlib.explain.summary import confusions_from_matrix
     from cvlib.inference.predict import list_input_files
     from cvlib.training.checkpoint import load_package
     from cvlib.training.metrics import classification_metrics
@@ -74,7 +75,7 @@ def explain_folder(input_dir: str, model_uri: str, out: str, config: ReportConfi
         title=f"Grad-CAM report: {Path(input_dir).name}",
         subtitle=f"{meta['arch']} · {model_uri} (version {version})",
         summary=summary, metrics=metrics, confusions=confusions, confusions_scope=scope, per_class=per_class,
-        sampling=_sampling_note(screening, picked, "images"),
+        sampling=sampling_note(screening, picked, "images"),
         artifact_key="gradcam-report", feature_map_layers=layers,
     )
 
@@ -100,7 +101,8 @@ def validation_report(
     chosen images get CAMs, and the validation stage's figures and confusion matrix (over the
     whole split, from ``evaluation_dir/val_metrics.json``) are embedded."""
     from cvlib.data.manifest import read_manifest
-    from cvlib.explain.report import confusions_from_matrix, load_evaluation
+    from cvlib.explain.report import sampling_note
+    from cvlib.explain.summary import confusions_from_matrix, load_evaluation
     from cvlib.training.checkpoint import model_from_checkpoint
 
     manifest = read_manifest(ingest.manifest_path)
@@ -138,7 +140,7 @@ def validation_report(
         subtitle=f"{meta['arch']} · {len(meta['class_names'])} classes" + (f" · MLflow run {run_id}" if run_id else ""),
         summary=head | dict(summary), metrics=metrics or {}, figures=figures,
         confusions=confusions, confusions_scope=f"over the whole validation split ({total} images)", per_class=per_class,
-        sampling=_sampling_note(screening, picked, "validation images"),
+        sampling=sampling_note(screening, picked, "validation images"),
         artifact_key="validation-report", run_id=run_id, feature_map_layers=layers,
     )
 
@@ -183,16 +185,6 @@ def _screen_and_choose(model, meta, root, files, labels, config: ReportConfig, *
     return screening, picked
 
 
-def _sampling_note(screening, picked: list[int], what: str) -> str:
-    wrong = (screening.true_idx >= 0) & (screening.true_idx != screening.preds)
-    chosen_wrong = int(wrong[picked].sum()) if picked else 0
-    return (
-        f"{len(picked)} of {len(screening.files)} {what} explained, chosen after one pass over all of them: "
-        f"{chosen_wrong} of the {int(wrong.sum())} misclassified (highest loss first, spread across classes, at most half "
-        f"the budget), then correctly classified ones stratified across classes."
-    )
-
-
 def _mlflow_report_link(run_id: str | None, name: str) -> str | None:
     """The MLflow UI's page for the report artifact, when the run lives on a tracking server."""
     if not run_id:
@@ -229,14 +221,9 @@ def _md(text: object) -> str:
 def _write(model, meta, root, screening, picked, out, config: ReportConfig, *, title, subtitle, summary, metrics,
            confusions, confusions_scope, per_class, sampling, artifact_key, figures=None, run_id=None,
            feature_map_layers: list[str] | None = None) -> str:
-    from cvlib.explain.report import (
-        explain_feature_maps,
-        explain_files,
-        faithfulness_summary,
-        metric_table,
-        render_report,
-        write_report,
-    )
+    """Explain the chosen images, write the report and point the Prefect UI at it."""
+    from cvlib.explain.render import render_report, write_report
+    from cvlib.explain.samples import explain_feature_maps, explain_files
 
     files = [screening.files[i] for i in picked]
     labels = [screening.labels[i] for i in picked]
@@ -256,8 +243,16 @@ def _write(model, meta, root, screening, picked, out, config: ReportConfig, *, t
     )
     path = write_report(html, out).resolve()
     wrong = sum(not s.correct for s in samples)
-    faith = faithfulness_summary(samples)
+    _publish(path, samples, len(errors), title=title, metrics=metrics, confusions=confusions,
+             confusions_scope=confusions_scope, artifact_key=artifact_key, run_id=run_id)
+    run_logger().info("report with %d images (%d misclassified) -> %s", len(samples), wrong, path)
+    return str(path)
 
+
+def _publish(path: Path, samples, n_errors: int, *, title, metrics, confusions, confusions_scope, artifact_key, run_id) -> None:
+    """A link artifact to the report (the MLflow UI's view of it when there is one, else the local
+    file) and a markdown artifact with its headline numbers."""
+    wrong = sum(not s.correct for s in samples)
     ui_link = _mlflow_report_link(run_id, path.name)
     if ui_link:
         create_link_artifact(
@@ -269,13 +264,25 @@ def _write(model, meta, root, screening, picked, out, config: ReportConfig, *, t
             key=artifact_key, link=path.as_uri(), link_text=f"{path.name} (local file: open it in a browser)",
             description=f"Grad-CAM report, {len(samples)} images, {wrong} misclassified: {path}",
         )
+    markdown = _headline_markdown(
+        path, samples, n_errors, title=title, metrics=metrics, confusions=confusions,
+        confusions_scope=confusions_scope, ui_link=ui_link, run_id=run_id,
+    )
+    create_markdown_artifact(key=f"{artifact_key}-summary", markdown=markdown, description=f"{title}: headline numbers")
+
+
+def _headline_markdown(path: Path, samples, n_errors: int, *, title, metrics, confusions, confusions_scope, ui_link, run_id) -> str:
+    from cvlib.explain.summary import faithfulness_summary, metric_table
+
+    wrong = sum(not s.correct for s in samples)
+    faith = faithfulness_summary(samples)
     lines = [f"# {_md(title)}", ""]
     table = metric_table(metrics or {})
     if table["rows"]:
         lines += ["| | " + " | ".join(table["columns"]) + " |", "|---" * (len(table["columns"]) + 1) + "|"]
         lines += [f"| {row['split']} | " + " | ".join(row["values"]) + " |" for row in table["rows"]]
         lines.append("")
-    lines.append(f"- **{len(samples)}** images explained, **{wrong}** misclassified, {len(errors)} unreadable")
+    lines.append(f"- **{len(samples)}** images explained, **{wrong}** misclassified, {n_errors} unreadable")
     if faith:
         lines.append(
             f"- faithfulness: blurring the top {round(100 * faith['fraction'])}% CAM pixels drops confidence by "
@@ -292,6 +299,4 @@ def _write(model, meta, root, screening, picked, out, config: ReportConfig, *, t
         lines.append(f"- MLflow artifact: `runs:/{run_id}/{REPORT_ARTIFACT_DIR}/{path.name}` "
                      f"(`mlflow artifacts download -r {run_id} -a {REPORT_ARTIFACT_DIR}/{path.name}`)")
     lines.append(f"- local file: `{path}`")
-    create_markdown_artifact(key=f"{artifact_key}-summary", markdown="\n".join(lines), description=f"{title}: headline numbers")
-    run_logger().info("report with %d images (%d misclassified) -> %s", len(samples), wrong, path)
-    return str(path)
+    return "\n".join(lines)

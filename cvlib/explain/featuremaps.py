@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cvlib.explain.gradcam import tokens_to_grid
+from cvlib.explain.target_layer import tokens_to_grid
 from cvlib.files.atomic import atomic_write
 from cvlib.models.factory import eval_mode
 

@@ -75,15 +75,10 @@ def _image(rng: np.random.Generator, shape: str) -> bytes:
 @pytest.fixture(scope="module")
 def report(tmp_path_factory) -> Path:
     """A real report: a tiny random CNN, screened and explained images, figures, confusions."""
-    from cvlib.explain.report import (
-        choose_samples,
-        confusions_from_matrix,
-        explain_feature_maps,
-        explain_files,
-        render_report,
-        screen_files,
-        write_report,
-    )
+    from cvlib.explain.render import render_report, write_report
+    from cvlib.explain.report import choose_samples, screen_files
+    from cvlib.explain.samples import explain_feature_maps, explain_files
+    from cvlib.explain.summary import confusions_from_matrix
     from cvlib.models.factory import create_model
     from cvlib.training.plots import confusion_matrix_png, training_curves_png
 

@@ -87,11 +87,11 @@ def test_run_killed_during_training_resumes_from_checkpoint(digits_dir, on_serve
 def test_flow_retry_resumes_from_the_failed_task(digits_dir, on_servers, monkeypatch, tmp_path):
     """Task results are persisted: when the flow run is retried after its last task failed,
     the completed tasks (training above all) are not run again."""
-    import cvlib.explain.report
+    import cvlib.explain.samples
     import cvlib.training.fit
     from flows.retrain import retrain
 
-    real_fit, real_explain = cvlib.training.fit.fit, cvlib.explain.report.explain_files
+    real_fit, real_explain = cvlib.training.fit.fit, cvlib.explain.samples.explain_files
     calls = {"fit": 0, "explain": 0}
 
     def counting_fit(**kwargs):
@@ -105,7 +105,7 @@ def test_flow_retry_resumes_from_the_failed_task(digits_dir, on_servers, monkeyp
         return real_explain(*args, **kwargs)
 
     monkeypatch.setattr(cvlib.training.fit, "fit", counting_fit)
-    monkeypatch.setattr(cvlib.explain.report, "explain_files", failing_explain)
+    monkeypatch.setattr(cvlib.explain.samples, "explain_files", failing_explain)
     name = f"retried-{uuid.uuid4().hex[:6]}"
     flow = retrain.with_options(retries=1, retry_delay_seconds=0)
     result = flow(data_dir=str(digits_dir), config=small_config(name, arch="resnet18"), output_dir=str(tmp_path / "run"))

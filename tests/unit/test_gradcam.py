@@ -1,4 +1,5 @@
-"""cvlib.explain.gradcam: maps, hygiene (hooks, grads, modes, grad mode), default layers, faithfulness,
+"""cvlib.explain.gradcam and the modules around it (target_layer, methods, heatmap,
+faithfulness): maps, hygiene (hooks, grads, modes, grad mode), default layers, faithfulness,
 and agreement with pytorch-grad-cam on real photos. Small models, fixed seeds, CPU only."""
 
 from __future__ import annotations
@@ -14,16 +15,10 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from cvlib.explain.gradcam import (
-    CamResult,
-    default_target_layer,
-    deletion_score,
-    explain_batch,
-    grad_cam,
-    heatmap_rgb,
-    overlay,
-    tokens_to_grid,
-)
+from cvlib.explain.faithfulness import deletion_score
+from cvlib.explain.gradcam import CamResult, explain_batch, grad_cam
+from cvlib.explain.heatmap import heatmap_rgb, overlay
+from cvlib.explain.target_layer import default_target_layer, tokens_to_grid
 from tests.threads import one_torch_thread
 
 ROOT = Path(__file__).resolve().parents[2]

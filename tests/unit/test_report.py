@@ -1,7 +1,8 @@
-"""cvlib.explain.report: the Grad-CAM HTML report. Escaping, self-containment, one card per sample,
-misclassified first by loss, galleries per class, faithfulness numbers, embedded figures, the
-whole-split confusions and the screening/sampling that picks the images. A tiny random CNN on
-32 px images, one thread: fast on a shared 2-core machine."""
+"""The Grad-CAM HTML report (cvlib.explain.report, samples, summary, render). Escaping,
+self-containment, one card per sample, misclassified first by loss, galleries per class,
+faithfulness numbers, embedded figures, the whole-split confusions and the screening/sampling
+that picks the images. A tiny random CNN on 32 px images, one thread: fast on a shared 2-core
+machine."""
 
 from __future__ import annotations
 
@@ -18,19 +19,16 @@ import torch
 from PIL import Image
 
 from cvlib.explain.options import ReportConfig
-from cvlib.explain.report import (
+from cvlib.explain.render import render_report, write_report
+from cvlib.explain.report import choose_samples, screen_files
+from cvlib.explain.samples import ReportSample, explain_files
+from cvlib.explain.summary import (
     FIGURES,
-    ReportSample,
-    choose_samples,
     confusions_from_matrix,
-    explain_files,
     faithfulness_summary,
     load_evaluation,
     metric_table,
-    render_report,
-    screen_files,
     top_confusions,
-    write_report,
 )
 from cvlib.models.factory import create_model
 from tests.threads import one_torch_thread
@@ -461,10 +459,10 @@ def test_faithfulness_verdict(cam, rnd, level):
 def test_explain_files_passes_its_precision_to_every_cam_and_deletion_pass(model, folder, explained, monkeypatch):
     """The report's trunk precision (ReportConfig.precision, "auto" by default) reaches the CAM
     of the predicted class, of the true class and the faithfulness forwards."""
-    import cvlib.explain.report as report_mod
+    import cvlib.explain.samples as samples_mod
 
     seen: list[tuple[str, str]] = []
-    real_explain, real_deletion = report_mod.explain_batch, report_mod.deletion_score
+    real_explain, real_deletion = samples_mod.explain_batch, samples_mod.deletion_score
 
     def spy_explain(*a, precision="fp32", **k):
         seen.append(("cam", precision))
@@ -474,8 +472,8 @@ def test_explain_files_passes_its_precision_to_every_cam_and_deletion_pass(model
         seen.append(("deletion", precision))
         return real_deletion(*a, precision=precision, **k)
 
-    monkeypatch.setattr(report_mod, "explain_batch", spy_explain)
-    monkeypatch.setattr(report_mod, "deletion_score", spy_deletion)
+    monkeypatch.setattr(samples_mod, "explain_batch", spy_explain)
+    monkeypatch.setattr(samples_mod, "deletion_score", spy_deletion)
     files = [s.path for s in explained]
     labels = [s.true for s in explained]
     samples, _ = explain_files(model, META, folder, files, labels=labels, precision="bf16")

@@ -1,4 +1,4 @@
-"""The report's optional "Feature maps" section (cvlib.explain.report.explain_feature_maps and
+"""The report's optional "Feature maps" section (cvlib.explain.samples.explain_feature_maps and
 render_report(feature_maps=...)), the ReportConfig fields behind it and the CLI flags that set
 them. A tiny random SimpleCNN on 32 px images, one thread."""
 
@@ -21,7 +21,8 @@ from torch import nn
 from cvlib.config import RetrainConfig
 from cvlib.explain.featuremaps import UnknownLayerError, conv_layer_names, default_layers, top_channels
 from cvlib.explain.options import ReportConfig
-from cvlib.explain.report import explain_feature_maps, explain_files, render_report
+from cvlib.explain.render import render_report
+from cvlib.explain.samples import explain_feature_maps, explain_files
 from cvlib.models.factory import create_model
 from tests.threads import one_torch_thread
 from tests.unit.test_report import _dom
