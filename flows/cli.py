@@ -12,39 +12,13 @@ import sys
 import time
 from pathlib import Path
 
+from cvlib.arguments import PRECISIONS, OptionsError, add_config_file, add_deprecated, add_retrain_arguments, retrain_config
+
 EXIT_USAGE = 2
 
 
 class CliError(Exception):
     """An error the user can fix; printed without a stack trace."""
-
-
-def build_retrain_config(args: argparse.Namespace):
-    """Defaults of :class:`cvlib.config.RetrainConfig`, then ``--config FILE`` (JSON, any subset
-    of the fields), then the individual options; validated as a whole."""
-    from cvlib.config import RetrainConfig, merge_into
-    from cvlib.models.factory import CUSTOM_ARCHS
-
-    data = RetrainConfig().model_dump()
-    if args.config:
-        try:
-            merge_into(data, json.loads(Path(_existing(args.config, "config file")).read_text()))
-        except json.JSONDecodeError as exc:
-            raise CliError(f"config file {args.config} is not valid JSON: {exc}") from exc
-    train = {"epochs": args.epochs, "batch_size": args.batch_size, "arch": args.arch, "weights": args.weights,
-             "lr": args.lr, "seed": args.seed, "num_workers": args.workers, "device": args.device,
-             "precision": args.precision, "head_epochs": getattr(args, "head_epochs", None),
-             "early_stopping_patience": getattr(args, "early_stopping_patience", None)}
-    if args.freeze_backbone:
-        train["freeze_backbone"] = True
-    data["train"].update({k: v for k, v in train.items() if v is not None})
-    if args.arch in CUSTOM_ARCHS and args.weights is None and not args.config:
-        data["train"]["weights"] = "none"  # no pretrained weights exist for visionflow's own models
-    if args.image_size is not None:
-        data["augment"]["image_size"] = args.image_size
-    if args.model_name:
-        data["model_name"] = args.model_name
-    return RetrainConfig.model_validate(data)
 
 
 def _print_paths(title: str, paths: dict[str, object]) -> None:
@@ -65,7 +39,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 def cmd_demo_data(args: argparse.Namespace) -> int:
     from cvlib.data.demo import write_digits
 
-    counts = write_digits(args.dir, size=args.size, per_class=args.per_class)
+    counts = write_digits(args.dir, size=args.image_size, per_class=args.per_class)
     print(f"wrote {sum(counts.values())} digit images in {len(counts)} classes to {Path(args.dir).resolve()}")
     return 0
 
@@ -73,13 +47,13 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
 def cmd_ingest(args: argparse.Namespace) -> int:
     from cvlib.data.ingest import build_manifest
     from cvlib.data.manifest import dataset_hash, write_manifest
-    from cvlib.data.options import DataConfig
     from cvlib.data.summary import summarize
 
     t0 = time.perf_counter()
     data_dir = _existing(args.data_dir, "data folder", folder=True)
+    config = retrain_config(argparse.Namespace(config=args.config))  # the same file retrain takes; its `data` part
     # Re-ingesting into the same manifest reads only new or changed files.
-    manifest, skipped = build_manifest(data_dir, DataConfig(), previous=args.out)
+    manifest, skipped = build_manifest(data_dir, config.data, previous=args.out)
     write_manifest(manifest, args.out, metadata={"visionflow.dataset_hash": dataset_hash(manifest)})
     summary = summarize(manifest) | {"skipped": skipped}
     print(json.dumps({k: summary[k] for k in ("files", "ok", "duplicates", "quarantined", "classes", "reasons", "skipped")}, indent=2))
@@ -112,13 +86,61 @@ def _existing(path: str, what: str, *, folder: bool = False) -> str:
     return str(p.resolve())
 
 
-def _model_ref(uri: str) -> str:
-    return uri if uri.startswith("models:/") else _existing(uri, "model checkpoint")
+def _model_ref(uri: str, flag: str = "--model") -> str:
+    """A model reference checked before Prefect starts: a registered version or alias that exists,
+    or a file or folder that is a visionflow checkpoint or package."""
+    if uri.startswith("models:/"):
+        _check_registered(uri, flag)
+        return uri
+    from cvlib.models.names import check_model_path
+
+    path = _existing(uri, f"{flag} checkpoint")
+    try:
+        check_model_path(path)
+    except ValueError as exc:
+        raise CliError(f"{flag} {exc}") from exc
+    return path
+
+
+def _check_registered(uri: str, flag: str) -> None:
+    ref = uri.removeprefix("models:/")
+    name, has_alias, alias = ref.partition("@")
+    if not has_alias:
+        name, _, version = ref.partition("/")
+    if not name or not (alias if has_alias else version):
+        raise CliError(f"{flag} {uri}: use models:/NAME@ALIAS or models:/NAME/VERSION")
+    import logging
+
+    from mlflow.exceptions import MlflowException
+
+    from tasks.environment import mlflow_tracking_uri
+    from tasks.registry import client
+
+    # A fresh embedded store announces its table creation at INFO: not news to a user here.
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+    try:
+        c = client()
+        c.get_model_version_by_alias(name, alias) if has_alias else c.get_model_version(name, version)
+    except MlflowException as exc:
+        message = str(exc.message).splitlines()[0] if exc.message else type(exc).__name__
+        raise CliError(
+            f"{flag} {uri}: {message} in the MLflow registry at {mlflow_tracking_uri()} "
+            "(set MLFLOW_TRACKING_URI for another server, or give a checkpoint path)"
+        ) from exc
+
+
+def _options(cls, given: dict[str, tuple[str, object]], **fixed):
+    """An options record from the flags given ({field: (flag, value)}); the defaults stay in
+    ``cls``, and a bad value is one line naming its flag."""
+    from cvlib.arguments import validated
+
+    values = {key: value for key, (_, value) in given.items() if value is not None}
+    return validated(cls, values | fixed, flags={key: flag for key, (flag, _) in given.items()})
 
 
 def cmd_retrain(args: argparse.Namespace) -> int:
     data_dir = _existing(args.data_dir, "data folder", folder=True)
-    config = build_retrain_config(args)
+    config = retrain_config(args)  # before Prefect starts: a bad flag costs a second
     print(f"weights: {_preflight_weights(config)}")
     _use_prefect()
     from flows.retrain import retrain
@@ -189,8 +211,6 @@ def cmd_score(args: argparse.Namespace) -> int:
 
     input_spec = _score_input(args.input, args.root)
     model_uri, weights = _score_model(args.model, args.weights)
-    if args.workers is not None and args.workers < 1:
-        raise CliError("--workers must be at least 1")
     _use_prefect()
     from flows.score import score
     from tasks.score import ScoringEngine
@@ -201,7 +221,7 @@ def cmd_score(args: argparse.Namespace) -> int:
                                                "part_size": args.part_size}.items() if v is not None})
     result = score(
         input_dir=input_spec, model_uri=model_uri, out=str(Path(args.out).expanduser().absolute()), config=cfg, weights=weights,
-        workers=args.workers or 1, dask_address=args.dask_address, shards=args.shards,
+        workers=args.dask_workers or 1, dask_address=args.dask_address, shards=args.shards,
         root=str(Path(args.root).expanduser().resolve()) if args.root else None, engine=engine,
     )
     _print_paths(
@@ -218,11 +238,14 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
     input_dir, model_uri = _existing(args.input, "input"), _model_ref(args.model)
     # Only the options given: the defaults live in ReportConfig. Naming a layer asks for the section.
-    given = {"samples": args.samples, "seed": args.seed, "feature_map_layers": args.feature_map_layer,
-             "feature_map_images": args.feature_map_images, "feature_map_channels": args.feature_map_channels,
-             "precision": args.precision}
-    config = ReportConfig(**{k: v for k, v in given.items() if v is not None},
-                          feature_maps=bool(args.feature_maps or args.feature_map_layer))
+    config = _options(
+        ReportConfig,
+        {"samples": ("--samples", args.samples), "seed": ("--seed", args.seed),
+         "feature_map_layers": ("--feature-map-layer", args.feature_map_layer),
+         "feature_map_images": ("--feature-map-images", args.feature_map_images),
+         "feature_map_channels": ("--feature-map-channels", args.feature_map_channels), "precision": ("--precision", args.precision)},
+        feature_maps=bool(args.feature_maps or args.feature_map_layer),
+    )  # fmt: skip
     _use_prefect()
     from flows.explain import explain
 
@@ -243,7 +266,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     home = visionflow_home()
     data_dir = home / "demo" / "digits"
-    counts = write_digits(data_dir, size=args.size)
+    counts = write_digits(data_dir, size=args.image_size)
     print(f"demo data: {sum(counts.values())} handwritten digits (scikit-learn) in {data_dir}")
     weights = "DEFAULT"
     try:
@@ -255,9 +278,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     # Digits are not mirror-symmetric: no horizontal flips; they fill the frame: mild crops.
     config = RetrainConfig(
         model_name=args.model_name,
-        augment=AugmentConfig(image_size=args.size, resize_ratio=1.0, scale_min=0.7, hflip=0.0, rotation=10.0, color_jitter=0.1),
+        augment=AugmentConfig(image_size=args.image_size, resize_ratio=1.0, scale_min=0.7, hflip=0.0, rotation=10.0, color_jitter=0.1),
         train=TrainConfig(epochs=args.epochs, batch_size=64, lr=2e-3 if weights == "none" else 1e-3, weights=weights,
-                          warmup_epochs=0.5, label_smoothing=0.05, num_workers=args.workers),
+                          warmup_epochs=0.5, label_smoothing=0.05, num_workers=args.loader_workers),
     )
     _use_prefect()
     from flows.retrain import retrain
@@ -266,7 +289,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     result = retrain(data_dir=str(data_dir), config=config, output_dir=str(home / "demo" / "run"))
     _print_retrain(result)
     predictions = home / "demo" / "predictions.parquet"
-    scored = score(input_dir=str(data_dir), model_uri=result["model_uri"], out=str(predictions), config=ScoreConfig(num_workers=args.workers))
+    scored = score(input_dir=str(data_dir), model_uri=result["model_uri"], out=str(predictions), config=ScoreConfig(num_workers=args.loader_workers))
     _print_paths(
         "demo finished",
         {
@@ -328,44 +351,74 @@ def cmd_featuremaps(args: argparse.Namespace) -> int:
     return 0
 
 
-def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="visionflow", description="Retrain and serve image classifiers as Prefect flows.")
-    sub = p.add_subparsers(dest="command", required=True)
+def _count(minimum: int):
+    """An argparse type: an integer of at least ``minimum`` (told as a usage error otherwise)."""
 
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum} (got {value})")
+        return value
+
+    return parse
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error told in one line (``--help`` still shows the usage)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        # No abbreviations: a misspelt flag (--epoch) is an error that names it, not a guess.
+        super().__init__(*args, allow_abbrev=False, **kwargs)
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def make_parser() -> argparse.ArgumentParser:
+    """One small builder per subcommand; flags mean one thing everywhere (``--image-size``,
+    ``--loader-workers`` for decoding/DataLoader processes, ``--dask-workers`` for Dask ones)."""
+    p = _Parser(prog="visionflow", description="Retrain and serve image classifiers as Prefect flows.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for add in (_add_config, _add_demo_data, _add_ingest, _add_retrain, _add_score, _add_explain, _add_demo, _add_server,
+                _add_kernels, _add_featuremaps):  # fmt: skip
+        add(sub)
+    return p
+
+
+def _add_config(sub) -> None:
     s = sub.add_parser("config", help="print the default retraining configuration as JSON")
     s.set_defaults(func=cmd_config)
 
+
+def _add_demo_data(sub) -> None:
     s = sub.add_parser("demo-data", help="write scikit-learn's digits as an image folder")
     s.add_argument("dir")
-    s.add_argument("--size", type=int, default=64)
-    s.add_argument("--per-class", type=int, default=None)
+    s.add_argument("--image-size", type=_count(8), default=64, help="side of the square images written")
+    add_deprecated(s, "--size", "--image-size", type=_count(8))
+    s.add_argument("--per-class", type=_count(1), default=None)
     s.set_defaults(func=cmd_demo_data)
 
+
+def _add_ingest(sub) -> None:
     s = sub.add_parser("ingest", help="scan and validate an image folder into a manifest")
     s.add_argument("data_dir")
     s.add_argument("--out", required=True)
+    add_config_file(s)
     s.set_defaults(func=cmd_ingest)
 
+
+def _add_retrain(sub) -> None:
     s = sub.add_parser("retrain", help="fine-tune on an image folder and register the model")
     s.add_argument("data_dir")
-    s.add_argument("--config", help="JSON file with any part of the configuration (see cvlib/config.py); options override it")
-    s.add_argument("--epochs", type=int)
-    s.add_argument("--image-size", type=int)
-    s.add_argument("--batch-size", type=int)
-    s.add_argument("--arch")
-    s.add_argument("--weights", help="DEFAULT, a torchvision weights name, none, or a file path")
-    s.add_argument("--lr", type=float)
-    s.add_argument("--seed", type=int)
-    s.add_argument("--model-name")
-    s.add_argument("--workers", type=int, help="DataLoader worker processes")
-    s.add_argument("--device", help="auto (CUDA, then MPS, then CPU), cuda, mps, cpu")
-    s.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
-    s.add_argument("--freeze-backbone", action="store_true")
-    s.add_argument("--head-epochs", type=int, help="epochs training the head alone first (default: 1 with pretrained weights, 0 with none)")
-    s.add_argument("--early-stopping-patience", type=int, help="stop after this many epochs without a better val_top1 (default: off)")
-    s.add_argument("--output-dir")
+    add_retrain_arguments(s)
+    s.add_argument("--output-dir", help="checkpoints, manifest and report (default: a folder per flow run under the home)")
     s.set_defaults(func=cmd_retrain)
 
+
+def _add_score(sub) -> None:
     s = sub.add_parser(
         "score", help="top-5 predictions for every image (folder, glob, list, manifest) to Parquet",
         description="Score images to Parquet, one row per file (unreadable files get a row with an error). "
@@ -380,21 +433,23 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--root", help="where a list's or manifest's relative paths start")
     s.add_argument("--batch-size", type=int)
     s.add_argument("--top-k", type=int)
-    s.add_argument("--workers", type=int, help="Dask worker processes on a local cluster (default 1: in this process)")
+    s.add_argument("--dask-workers", type=_count(1), help="Dask worker processes on a local cluster (default 1: in this process)")
+    add_deprecated(s, "--workers", "--dask-workers", type=_count(1))
     s.add_argument("--dask-address", help="an existing Dask scheduler, tcp://HOST:PORT (instead of a local cluster)")
-    s.add_argument("--shards", type=int, help="file-list shards (default: one per worker)")
+    s.add_argument("--shards", type=_count(1), help="file-list shards (default: one per Dask worker)")
     s.add_argument("--loader-workers", type=int, help="decoding worker processes per scoring process")
     s.add_argument("--device", help="auto (CUDA, then MPS, then CPU), cuda, mps, cpu")
-    s.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="auto: bf16 on CUDA and on CPUs with native bf16, else fp32")
+    s.add_argument("--precision", choices=PRECISIONS, help="auto: bf16 on CUDA and on CPUs with native bf16, else fp32")
     s.add_argument("--compile", action="store_true", help="torch.compile the model")
     s.add_argument("--gpu-decode", choices=["auto", "on", "off"], help="decode JPEGs with nvJPEG on CUDA (auto: on with CUDA)")
     s.add_argument("--part-size", type=int, help="rows per Parquet part file")
     s.set_defaults(func=cmd_score)
 
+
+def _add_explain(sub) -> None:
     s = sub.add_parser("explain", help="Grad-CAM HTML report for a folder")
     s.add_argument("input")
-    s.add_argument("--model", required=True)
+    s.add_argument("--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION, a checkpoint file or package folder")
     s.add_argument("--out", required=True)
     s.add_argument("--samples", type=int, help="how many images get a CAM")
     s.add_argument("--seed", type=int)
@@ -405,34 +460,43 @@ def make_parser() -> argparse.ArgumentParser:
                    "features.block2; default: first conv, middle stage, last stage")
     s.add_argument("--feature-map-images", type=int, metavar="N", help="how many images get feature maps (the first ones, misclassified first)")
     s.add_argument("--feature-map-channels", type=int, metavar="K", help="channels shown per layer and image (the most active)")
-    s.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
+    s.add_argument("--precision", choices=PRECISIONS,
                    help="what the report's forwards run in (maps are fp32 either way); default auto: bf16 where native")
     s.set_defaults(func=cmd_explain)
 
+
+def _add_demo(sub) -> None:
     s = sub.add_parser("demo", help="run the whole pipeline on the bundled digits")
-    s.add_argument("--epochs", type=int, default=4)
-    s.add_argument("--size", type=int, default=64)
-    s.add_argument("--workers", type=int, default=1)
+    s.add_argument("--epochs", type=_count(1), default=4)
+    s.add_argument("--image-size", type=_count(16), default=64)
+    add_deprecated(s, "--size", "--image-size", type=_count(16))
+    s.add_argument("--loader-workers", type=_count(0), default=1, help="DataLoader/decoding worker processes")
+    add_deprecated(s, "--workers", "--loader-workers", type=_count(0))
     s.add_argument("--model-name", default="visionflow-demo")
     s.set_defaults(func=cmd_demo)
 
+
+def _add_server(sub) -> None:
     s = sub.add_parser("server", help="the local Prefect server that visionflow keeps running")
     s.add_argument("action", choices=["start", "status", "stop"])
     s.set_defaults(func=cmd_server)
 
+
+def _add_kernels(sub) -> None:
     s = sub.add_parser("kernels", help="render the classic convolution kernels on an image")
     s.add_argument("image")
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_kernels)
 
+
+def _add_featuremaps(sub) -> None:
     s = sub.add_parser("featuremaps", help="render one layer's feature maps for an image")
     s.add_argument("image")
     s.add_argument("--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION, a checkpoint file or package folder")
     s.add_argument("--layer", required=True, help="module name, e.g. features.block1.relu or layer1.0.conv1 (a wrong name lists them)")
     s.add_argument("--out", required=True)
-    s.add_argument("--max-maps", type=int, default=32)
+    s.add_argument("--max-maps", type=_count(1), default=32)
     s.set_defaults(func=cmd_featuremaps)
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -442,7 +506,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet_defaults()
     try:
         return int(args.func(args) or 0)
-    except CliError as exc:
+    except (CliError, OptionsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -22,9 +22,7 @@ from torch import nn
 
 from cvlib.files.atomic import atomic_write
 from cvlib.models.factory import create_model
-
-PACKAGE_WEIGHTS = "model.safetensors"
-PACKAGE_META = "visionflow.json"
+from cvlib.models.names import PACKAGE_META, PACKAGE_WEIGHTS
 
 
 def save_atomic(obj: Any, path: str | os.PathLike[str]) -> Path:
@@ -93,4 +91,5 @@ def load_package(path: str | os.PathLike[str]) -> tuple[nn.Module, dict[str, Any
     model = build_from_meta(meta)
     model.load_state_dict(load_file(str(meta_file.parent / PACKAGE_WEIGHTS)))
     return model.eval(), meta
+
 

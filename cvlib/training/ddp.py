@@ -30,36 +30,27 @@ MANIFEST = "manifest.parquet"
 
 
 def make_parser() -> argparse.ArgumentParser:
+    """The retraining flags and ``--config`` file of ``visionflow retrain`` (declared once, in
+    :mod:`cvlib.arguments`), plus what only a launch needs."""
+    from cvlib.arguments import add_retrain_arguments
+
     p = argparse.ArgumentParser(prog="python -m cvlib.training.ddp", description=__doc__.split("\n\n")[0])
     p.add_argument("data_dir", help="image folder, one sub-folder per class")
     p.add_argument("--out", required=True, help="checkpoint folder (resumed from when it holds last.pt)")
     p.add_argument("--manifest", help="manifest Parquet (default: built by rank 0 into OUT/manifest.parquet)")
-    p.add_argument("--config", help="JSON file with any part of RetrainConfig; options below override it")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int, help="per process")
-    p.add_argument("--lr", type=float)
-    p.add_argument("--arch")
-    p.add_argument("--weights", help="DEFAULT, a torchvision weights name, none, or a file path")
-    p.add_argument("--image-size", type=int)
-    p.add_argument("--workers", type=int, help="DataLoader workers per process")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
-    p.add_argument("--seed", type=int)
+    add_retrain_arguments(p)
     p.add_argument("--backend", choices=["nccl", "gloo"], help="default: nccl on CUDA, else gloo")
     return p
 
 
 def build_config(args: argparse.Namespace):
-    from cvlib.config import RetrainConfig, merge_into
+    """The configuration every rank trains with; a bad option exits every rank with one line."""
+    from cvlib.arguments import OptionsError, retrain_config
 
-    data = RetrainConfig().model_dump()
-    if args.config:
-        merge_into(data, json.loads(Path(args.config).read_text()))
-    train = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "arch": args.arch,
-             "weights": args.weights, "num_workers": args.workers, "precision": args.precision, "seed": args.seed}
-    data["train"].update({k: v for k, v in train.items() if v is not None})
-    if args.image_size is not None:
-        data["augment"]["image_size"] = args.image_size
-    return RetrainConfig.model_validate(data)
+    try:
+        return retrain_config(args)
+    except OptionsError as exc:
+        raise SystemExit(f"error: {exc}") from None
 
 
 def main(argv: list[str] | None = None) -> int:

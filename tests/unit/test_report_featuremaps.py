@@ -232,11 +232,12 @@ def test_report_config_fields_default_off_and_validated():
 
 def test_retrain_config_json_turns_the_section_on(tmp_path):
     """``visionflow retrain --config FILE`` with ``report.feature_maps``: the rest stays default."""
-    from flows.cli import build_retrain_config, make_parser
+    from cvlib.arguments import retrain_config
+    from flows.cli import make_parser
 
     cfg = tmp_path / "c.json"
     cfg.write_text('{"report": {"feature_maps": true, "feature_map_layers": ["layer2"]}}')
-    config = build_retrain_config(make_parser().parse_args(["retrain", "data", "--config", str(cfg)]))
+    config = retrain_config(make_parser().parse_args(["retrain", "data", "--config", str(cfg)]))
     assert isinstance(config, RetrainConfig)
     assert config.report.feature_maps is True and config.report.feature_map_layers == ["layer2"]
     assert config.report.samples == ReportConfig().samples and config.report.feature_map_channels == 16
@@ -268,7 +269,7 @@ def test_cli_explain_flags(fake_explain_flow, folder, tmp_path, flags, on, layer
     from flows.cli import main
 
     ckpt = tmp_path / "m.pt"
-    ckpt.write_bytes(b"")
+    torch.save({}, ckpt)  # a checkpoint file; the fake flow never loads it
     assert main(["explain", str(folder), "--model", str(ckpt), "--out", str(tmp_path / "r.html"), *flags]) == 0
     config = fake_explain_flow["config"]
     assert config.feature_maps is on and config.feature_map_layers == layers
@@ -279,7 +280,7 @@ def test_cli_explain_counts_and_bounds(fake_explain_flow, folder, tmp_path, caps
     from flows.cli import EXIT_USAGE, main
 
     ckpt = tmp_path / "m.pt"
-    ckpt.write_bytes(b"")
+    torch.save({}, ckpt)  # a checkpoint file; the fake flow never loads it
     base = ["explain", str(folder), "--model", str(ckpt), "--out", str(tmp_path / "r.html"), "--feature-maps"]
     assert main([*base, "--feature-map-images", "3", "--feature-map-channels", "8", "--samples", "5", "--precision", "fp32"]) == 0
     config = fake_explain_flow["config"]
@@ -287,4 +288,4 @@ def test_cli_explain_counts_and_bounds(fake_explain_flow, folder, tmp_path, caps
     assert config.precision == "fp32"
     fake_explain_flow.clear()
     assert main([*base, "--feature-map-channels", "0"]) == EXIT_USAGE
-    assert "feature_map_channels" in capsys.readouterr().err and not fake_explain_flow
+    assert "--feature-map-channels" in capsys.readouterr().err and not fake_explain_flow  # the flag, as the user typed it
