@@ -243,7 +243,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
         {"samples": ("--samples", args.samples), "seed": ("--seed", args.seed),
          "feature_map_layers": ("--feature-map-layer", args.feature_map_layer),
          "feature_map_images": ("--feature-map-images", args.feature_map_images),
-         "feature_map_channels": ("--feature-map-channels", args.feature_map_channels), "precision": ("--precision", args.precision)},
+         "feature_map_channels": ("--feature-map-channels", args.feature_map_channels), "precision": ("--precision", args.precision),
+         "batch_size": ("--batch-size", args.batch_size), "device": ("--device", args.device)},
         feature_maps=bool(args.feature_maps or args.feature_map_layer),
     )  # fmt: skip
     _use_prefect()
@@ -453,6 +454,8 @@ def _add_explain(sub) -> None:
     s.add_argument("--out", required=True)
     s.add_argument("--samples", type=int, help="how many images get a CAM")
     s.add_argument("--seed", type=int)
+    s.add_argument("--batch-size", type=int, help="images per forward, screening and CAMs (default: 64 and 16)")
+    s.add_argument("--device", help="auto (CUDA, then MPS, then CPU), cuda, mps, cpu")
     s.add_argument("--feature-maps", action="store_true",
                    help="add a 'Feature maps' section: the most active channels of a few layers for the first images")
     s.add_argument("--feature-map-layer", action="append", metavar="NAME",

@@ -179,7 +179,8 @@ def _screen_and_choose(model, meta, root, files, labels, config: ReportConfig, *
     from cvlib.explain.report import choose_samples, screen_files
 
     screening = screen_files(
-        model, meta, root, files, labels=labels, batch_size=batch_size, num_workers=num_workers, precision=config.precision
+        model, meta, root, files, labels=labels, batch_size=config.batch_size or batch_size, num_workers=num_workers,
+        device=config.device, precision=config.precision,
     )
     picked = choose_samples(screening.true_idx, screening.preds, screening.losses, config.samples, seed=config.seed)
     return screening, picked
@@ -227,7 +228,10 @@ def _write(model, meta, root, screening, picked, out, config: ReportConfig, *, t
 
     files = [screening.files[i] for i in picked]
     labels = [screening.labels[i] for i in picked]
-    samples, errors = explain_files(model, meta, root, files, labels=labels, seed=config.seed, precision=config.precision)
+    per_forward = {"batch_size": config.batch_size} if config.batch_size else {}  # else explain_files' own default
+    samples, errors = explain_files(
+        model, meta, root, files, labels=labels, seed=config.seed, precision=config.precision, device=config.device, **per_forward
+    )
     errors = screening.errors + errors
     feature_maps = None
     if feature_map_layers is not None:

@@ -30,6 +30,11 @@ class ReportConfig(StrictModel):
     feature_map_channels: int = Field(
         16, ge=1, le=256, description="Channels drawn per layer and image: those with the highest mean activation."
     )
+    batch_size: int | None = Field(
+        None, ge=1, description="Images per forward, for screening and for the CAMs. None: 64 for screening (the "
+        "training batch size in retrain) and 16 for the CAMs, which keep activations and gradients."
+    )
+    device: str = Field("auto", description="'auto' (CUDA, then MPS, then CPU), 'cuda', 'mps', 'cpu' or a torch device string.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="What the report's forwards run in (the explained activation, its gradient and the "
         "maps are always fp32). auto: bf16 on CUDA and on CPUs with native bf16 (about twice as fast, maps within "

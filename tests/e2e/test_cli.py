@@ -59,11 +59,11 @@ def test_bad_data_folder_is_one_line(tmp_path, home):
 @pytest.mark.slow
 def test_retrain_score_explain_on_embedded_defaults(tmp_path, home):
     data = tmp_path / "digits"
-    proc = run_cli("demo-data", str(data), "--per-class", "10", "--size", "32", home=home)
+    proc = run_cli("demo-data", str(data), "--per-class", "10", "--image-size", "32", home=home)
     assert proc.returncode == 0, proc.stderr
     proc = run_cli(
         "retrain", str(data), "--epochs", "1", "--image-size", "32", "--batch-size", "16", "--arch", "resnet18",
-        "--weights", "none", "--workers", "0", "--model-name", "cli", home=home,
+        "--weights", "none", "--loader-workers", "0", "--model-name", "cli", home=home,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "models:/cli/1" in proc.stdout

@@ -211,7 +211,7 @@ def flow_run_link(tmp_path_factory):
     # A UI URL in the environment (here Prefect's default) must not reach the local server's UI.
     env.update(VISIONFLOW_HOME=str(root / "home"), PREFECT_UI_API_URL="http://127.0.0.1:4200/api")
     try:
-        proc = _cli("demo-data", str(root / "digits"), "--per-class", "1", "--size", "32", env=env)
+        proc = _cli("demo-data", str(root / "digits"), "--per-class", "1", "--image-size", "32", env=env)
         assert proc.returncode == 0, proc.stderr[-3000:]
         proc = _cli("score", str(root / "digits"), "--model", "torchvision/resnet18", "--weights", "none",
                     "--out", str(root / "pred.parquet"), env=env)

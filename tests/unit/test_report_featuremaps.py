@@ -289,3 +289,19 @@ def test_cli_explain_counts_and_bounds(fake_explain_flow, folder, tmp_path, caps
     fake_explain_flow.clear()
     assert main([*base, "--feature-map-channels", "0"]) == EXIT_USAGE
     assert "--feature-map-channels" in capsys.readouterr().err and not fake_explain_flow  # the flag, as the user typed it
+
+
+def test_cli_explain_takes_batch_size_and_device(fake_explain_flow, folder, tmp_path, capsys):
+    from flows.cli import EXIT_USAGE, main
+
+    ckpt = tmp_path / "m.pt"
+    torch.save({}, ckpt)  # a checkpoint file; the fake flow never loads it
+    base = ["explain", str(folder), "--model", str(ckpt), "--out", str(tmp_path / "r.html")]
+    assert main([*base, "--batch-size", "4", "--device", "cpu"]) == 0
+    config = fake_explain_flow["config"]
+    assert (config.batch_size, config.device) == (4, "cpu")
+    fake_explain_flow.clear()
+    assert main(base) == 0 and fake_explain_flow["config"].batch_size is None  # the stages' own defaults
+    fake_explain_flow.clear()
+    assert main([*base, "--batch-size", "0"]) == EXIT_USAGE
+    assert "--batch-size" in capsys.readouterr().err and not fake_explain_flow
