@@ -24,6 +24,9 @@ from tasks.records import IngestResult, RegisteredVersion, Validation
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 RUN_TAG = "visionflow.run_id"
+# The experiment tag the MLflow 3 UI reads to choose its view (see the ExperimentKind values in its JS bundle).
+EXPERIMENT_KIND = "mlflow.experimentKind"
+MODEL_TRAINING = "custom_model_development"
 
 
 def client():
@@ -37,17 +40,24 @@ def client():
 
 
 def ensure_experiment(name: str) -> str:
+    """The experiment's id, created as a model-training experiment if it does not exist yet.
+
+    The kind tag makes the MLflow 3 UI open the experiment on its training view (runs, metrics)
+    instead of the GenAI one; an experiment created before the tag existed gets it now, and a
+    kind someone chose by hand is left alone.
+    """
     c = client()
     exp = c.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    try:
-        return c.create_experiment(name, artifact_location=mlflow_artifact_root())
-    except Exception:  # created concurrently by another run
-        exp = c.get_experiment_by_name(name)
-        if exp is None:
-            raise
-        return exp.experiment_id
+    if exp is None:
+        try:
+            return c.create_experiment(name, artifact_location=mlflow_artifact_root(), tags={EXPERIMENT_KIND: MODEL_TRAINING})
+        except Exception:  # created concurrently by another run
+            exp = c.get_experiment_by_name(name)
+            if exp is None:
+                raise
+    if EXPERIMENT_KIND not in exp.tags:
+        c.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND, MODEL_TRAINING)
+    return exp.experiment_id
 
 
 @task(name="start-mlflow-run", retries=3, retry_delay_seconds=[1, 5, 15], timeout_seconds=300, persist_result=True)

@@ -143,6 +143,25 @@ def test_two_learning_rates_compare_over_rest(digits_dir, on_servers, mlflow_ser
         assert "visionflow.dataset_hash" in tags and "prefect.flow_run_id" in tags
 
 
+def test_experiment_opens_on_the_training_view(retrained, on_servers, mlflow_server):
+    """The MLflow 3 UI chooses its view from the experiment's kind tag: the retraining experiment
+    is a model-training one, an older experiment without the tag gets it, a kind chosen by hand stays."""
+    import uuid
+
+    from tasks.registry import ensure_experiment
+
+    kind = "mlflow.experimentKind"
+    exp = _rest(f"{mlflow_server}/api/2.0/mlflow/experiments/get-by-name?experiment_name=visionflow")["experiment"]
+    assert {t["key"]: t["value"] for t in exp["tags"]}[kind] == "custom_model_development"
+    client = mlflow_client(mlflow_server)
+    older = client.create_experiment(f"older-{uuid.uuid4().hex[:6]}")
+    assert ensure_experiment(client.get_experiment(older).name) == older
+    assert client.get_experiment(older).tags[kind] == "custom_model_development"
+    chosen = client.create_experiment(f"chosen-{uuid.uuid4().hex[:6]}", tags={kind: "genai_development"})
+    assert ensure_experiment(client.get_experiment(chosen).name) == chosen
+    assert client.get_experiment(chosen).tags[kind] == "genai_development"
+
+
 def test_evaluation_artifacts_logged(retrained, on_servers):
 
     files = {a.path for a in mlflow_client(os.environ["MLFLOW_TRACKING_URI"]).list_artifacts(retrained["result"].run_id, "evaluation")}
