@@ -11,6 +11,10 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tasks.records import RetrainResult
 
 from cvlib.arguments import PRECISIONS, OptionsError, add_config_file, add_deprecated, add_retrain_arguments, retrain_config
 
@@ -150,19 +154,19 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_retrain(result: dict) -> None:
-    metrics = result["metrics"]
+def _print_retrain(result: RetrainResult) -> None:
+    metrics = result.metrics
     _print_paths(
         "retraining finished",
         {
-            "model": f"{result['model_uri']} ({'champion' if result['promoted'] else 'challenger'})",
+            "model": f"{result.model_uri} ({'champion' if result.promoted else 'challenger'})",
             "val top-1": f"{metrics.get('val_top1', float('nan')):.4f}",
             "val top-5": f"{metrics.get('val_top5', float('nan')):.4f}",
-            "MLflow store": result["mlflow_tracking_uri"],
-            "MLflow run": result["run_id"],
-            "report": result["report"],
-            "manifest": result["manifest"],
-            "checkpoint": result["checkpoint"],
+            "MLflow store": result.mlflow_tracking_uri,
+            "MLflow run": result.run_id,
+            "report": result.report,
+            "manifest": result.manifest,
+            "checkpoint": result.checkpoint,
         },
     )
 
@@ -290,16 +294,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     result = retrain(data_dir=str(data_dir), config=config, output_dir=str(home / "demo" / "run"))
     _print_retrain(result)
     predictions = home / "demo" / "predictions.parquet"
-    scored = score(input_dir=str(data_dir), model_uri=result["model_uri"], out=str(predictions), config=ScoreConfig(num_workers=args.loader_workers))
+    scored = score(input_dir=str(data_dir), model_uri=result.model_uri, out=str(predictions), config=ScoreConfig(num_workers=args.loader_workers))
     _print_paths(
         "demo finished",
         {
             "MLflow store": mlflow_tracking_uri(),
             "MLflow UI": "make ui  (then open http://127.0.0.1:5000)",
-            "model": result["model_uri"],
-            "val top-1": f"{result['metrics']['val_top1']:.4f}",
+            "model": result.model_uri,
+            "val top-1": f"{result.metrics['val_top1']:.4f}",
             "predictions": f"{scored.output} ({scored.files} rows, {scored.errors} errors)",
-            "report": result["report"],
+            "report": result.report,
         },
     )
     return 0

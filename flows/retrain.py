@@ -13,6 +13,7 @@ from flows.naming import run_name
 from tasks.environment import mlflow_tracking_uri, runs_dir
 from tasks.explain import check_feature_map_layers, validation_report
 from tasks.ingest import ingest
+from tasks.records import RetrainResult
 from tasks.registry import (
     champion_gate,
     end_run,
@@ -40,7 +41,7 @@ def _example_image(data) -> str | None:
 
 
 @flow(name="retrain", flow_run_name=run_name("retrain", "data_dir"), log_prints=True)
-def retrain(data_dir: str, config: RetrainConfig = RetrainConfig(), output_dir: str | None = None) -> dict:
+def retrain(data_dir: str, config: RetrainConfig = RetrainConfig(), output_dir: str | None = None) -> RetrainResult:
     """Retrain the classifier on an image folder (one sub-folder per class) and register it."""
     logger = get_run_logger()
     check_feature_map_layers(config.train.arch, config.report)  # a misspelt layer fails now, not after training
@@ -72,7 +73,7 @@ def retrain(data_dir: str, config: RetrainConfig = RetrainConfig(), output_dir: 
             run_id=run_id,
             model_name=config.model_name,
             version=registered.version,
-            gate_decision=decision["reason"],
+            gate_decision=decision.reason,
             batch_size=config.train.batch_size,
             num_workers=config.train.num_workers,
         )
@@ -81,18 +82,18 @@ def retrain(data_dir: str, config: RetrainConfig = RetrainConfig(), output_dir: 
         end_run(run_id, "FAILED")
         raise
     end_run(run_id)
-    result = {
-        "run_id": run_id,
-        "flow_run_id": str(flow_run.id),
-        "model_uri": registered.model_uri,
-        "version": registered.version,
-        "promoted": decision["promoted"],
-        "metrics": validation.metrics,
-        "report": report,
-        "manifest": data.manifest_path,
-        "checkpoint": trained.best_checkpoint,
-        "output_dir": str(out),
-        "mlflow_tracking_uri": mlflow_tracking_uri(),
-    }
-    logger.info("retrained %s v%s (%s): %s", registered.name, registered.version, "champion" if decision["promoted"] else "challenger", validation.metrics)
+    result = RetrainResult(
+        run_id=run_id,
+        flow_run_id=str(flow_run.id),
+        model_uri=registered.model_uri,
+        version=registered.version,
+        metrics=validation.metrics,
+        report=report,
+        manifest=data.manifest_path,
+        checkpoint=trained.best_checkpoint,
+        output_dir=str(out),
+        mlflow_tracking_uri=mlflow_tracking_uri(),
+        gate=decision,
+    )
+    logger.info("retrained %s v%s (%s): %s", registered.name, registered.version, "champion" if result.promoted else "challenger", validation.metrics)
     return result

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
+
+from cvlib.promotion import GateDecision
 
 
 class IngestResult(BaseModel):
@@ -48,3 +50,26 @@ class ScoreResult(BaseModel):
     seconds: float
     model_uri: str
     model_version: str
+
+
+class RetrainResult(BaseModel):
+    """What a retraining run returns: where its model, report and files are, and the gate's verdict."""
+
+    model_config = ConfigDict(frozen=True)
+
+    run_id: str  # MLflow
+    flow_run_id: str  # Prefect
+    model_uri: str  # models:/name/version
+    version: str
+    metrics: dict[str, float]
+    report: str
+    manifest: str
+    checkpoint: str
+    output_dir: str
+    mlflow_tracking_uri: str
+    gate: GateDecision
+
+    @property
+    def promoted(self) -> bool:
+        """Whether this version now holds the champion alias."""
+        return self.gate.promoted

@@ -12,12 +12,11 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 from prefect import task
 
 from cvlib.config import RetrainConfig, flatten
-from cvlib.promotion import GateConfig
+from cvlib.promotion import Champion, GateConfig, GateDecision, challenger_score, class_change, decide
 from tasks.environment import mlflow_artifact_root, mlflow_tracking_uri, visionflow_home
 from tasks.log import run_logger
 from tasks.records import IngestResult, RegisteredVersion, Validation
@@ -25,6 +24,9 @@ from tasks.records import IngestResult, RegisteredVersion, Validation
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 RUN_TAG = "visionflow.run_id"
+# The experiment tag the MLflow 3 UI reads to choose its view (see the ExperimentKind values in its JS bundle).
+EXPERIMENT_KIND = "mlflow.experimentKind"
+MODEL_TRAINING = "custom_model_development"
 
 
 def client():
@@ -38,17 +40,24 @@ def client():
 
 
 def ensure_experiment(name: str) -> str:
+    """The experiment's id, created as a model-training experiment if it does not exist yet.
+
+    The kind tag makes the MLflow 3 UI open the experiment on its training view (runs, metrics)
+    instead of the GenAI one; an experiment created before the tag existed gets it now, and a
+    kind someone chose by hand is left alone.
+    """
     c = client()
     exp = c.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    try:
-        return c.create_experiment(name, artifact_location=mlflow_artifact_root())
-    except Exception:  # created concurrently by another run
-        exp = c.get_experiment_by_name(name)
-        if exp is None:
-            raise
-        return exp.experiment_id
+    if exp is None:
+        try:
+            return c.create_experiment(name, artifact_location=mlflow_artifact_root(), tags={EXPERIMENT_KIND: MODEL_TRAINING})
+        except Exception:  # created concurrently by another run
+            exp = c.get_experiment_by_name(name)
+            if exp is None:
+                raise
+    if EXPERIMENT_KIND not in exp.tags:
+        c.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND, MODEL_TRAINING)
+    return exp.experiment_id
 
 
 @task(name="start-mlflow-run", retries=3, retry_delay_seconds=[1, 5, 15], timeout_seconds=300, persist_result=True)
@@ -227,9 +236,19 @@ def _champion_version(name: str):
         return None
 
 
-def _score_champion(champion, ingest: IngestResult, metric: str, batch_size: int, num_workers: int) -> tuple[float | None, str | None]:
-    """Re-evaluate the champion on the challenger's validation split: scores recorded at its own
-    training time came from another split and are not comparable. Returns (score, why not)."""
+def _current_champion(name: str, version: str, ingest: IngestResult, metric: str, batch_size: int, num_workers: int) -> Champion | None:
+    current = _champion_version(name)
+    if current is None:
+        return None
+    if str(current.version) == version:  # a retried gate: the challenger is already champion, nothing to measure
+        return Champion(version=version, class_names=tuple(ingest.class_names))
+    return _read_champion(current, ingest, metric, batch_size, num_workers)
+
+
+def _read_champion(champion, ingest: IngestResult, metric: str, batch_size: int, num_workers: int) -> Champion:
+    """Load the champion and re-measure ``metric`` on the challenger's validation split: scores
+    recorded at its own training time came from another split and are not comparable. Not
+    measured when its class list differs (it cannot be scored on the new labels)."""
     from cvlib.data.manifest import read_manifest
     from cvlib.training.checkpoint import load_package
     from cvlib.training.evaluate import evaluate_split
@@ -237,76 +256,66 @@ def _score_champion(champion, ingest: IngestResult, metric: str, batch_size: int
 
     local, _ = resolve_model(f"models:/{champion.name}/{champion.version}")
     model, meta = load_package(local)
-    if list(meta["class_names"]) != list(ingest.class_names):
-        return None, f"class list changed ({len(meta['class_names'])} -> {len(ingest.class_names)} classes)"
+    classes = tuple(meta["class_names"])
+    if class_change(classes, ingest.class_names):
+        return Champion(version=str(champion.version), class_names=classes)
     manifest = read_manifest(ingest.manifest_path)
     ev = evaluate_split(model, meta, ingest.data_dir, manifest, "val", batch_size=batch_size, num_workers=num_workers)
     report = classification_metrics(ev.targets, ev.probs, meta["class_names"], prefix="val_")
     scores = report["metrics"] | {"val_loss": ev.loss}
     if metric not in scores:
         raise ValueError(f"unknown gate metric {metric!r}; choose one of {sorted(scores)}")
-    return float(scores[metric]), None
+    return Champion(version=str(champion.version), class_names=classes, score=float(scores[metric]))
 
 
 @task(name="champion-gate", retries=3, retry_delay_seconds=[1, 5, 15], timeout_seconds=3600, persist_result=True)
 def champion_gate(
     registered: RegisteredVersion, ingest: IngestResult, validation: Validation, gate: GateConfig,
     batch_size: int = 64, num_workers: int = 2,
-) -> dict[str, Any]:
-    """Alias the new version ``challenger``; move ``champion`` only when it wins.
-
-    The challenger wins when there is no champion yet, or when its validation ``gate.metric``
-    beats the champion's, re-measured on the same split, by more than ``gate.margin``.
-    The decision and both scores become version tags and a Prefect artifact.
-    """
-    from prefect.artifacts import create_markdown_artifact
-
+) -> GateDecision:
+    """Alias the new version ``challenger``; move ``champion`` only when :func:`cvlib.promotion.decide`
+    says so. The decision and both scores become version tags and a Prefect artifact."""
     c = client()
     name, version = registered.name, registered.version
     c.set_registered_model_alias(name, CHALLENGER, version)
-    if gate.metric not in validation.metrics:
-        raise ValueError(f"unknown gate metric {gate.metric!r}; choose one of {sorted(validation.metrics)}")
-    new_score = float(validation.metrics[gate.metric])
-    champion = _champion_version(name)
-    old_score: float | None = None
-    if champion is None:
-        promoted, reason = True, "no champion yet: the first version becomes champion"
-    elif str(champion.version) == version:
-        promoted, reason = True, "already champion"
-    else:
-        old_score, not_comparable = _score_champion(champion, ingest, gate.metric, batch_size, num_workers)
-        if not_comparable:
-            promoted = gate.promote_on_class_change
-            reason = f"{not_comparable}; " + ("promoted by configuration" if promoted else "kept champion v" + str(champion.version))
-        else:
-            promoted = new_score > old_score + gate.margin
-            reason = (
-                f"{gate.metric}: challenger {new_score:.4f} vs champion v{champion.version} {old_score:.4f} "
-                f"(margin {gate.margin}): {'challenger wins' if promoted else 'champion stays'}"
-            )
-    if promoted:
+    challenger_score(gate, validation.metrics)  # an unknown metric fails before the champion is scored
+    champion = _current_champion(name, version, ingest, gate.metric, batch_size, num_workers)
+    decision = decide(gate, version, validation.metrics, ingest.class_names, champion)
+    if decision.promoted:
         c.set_registered_model_alias(name, CHAMPION, version)
-    tags = {
-        "visionflow.gate.promoted": str(promoted).lower(),
-        "visionflow.gate.reason": reason,
-        "visionflow.gate.metric": gate.metric,
-        "visionflow.gate.challenger_score": f"{new_score:.6f}",
-        "visionflow.gate.champion_score": "" if old_score is None else f"{old_score:.6f}",
-        "visionflow.gate.champion_version": "" if champion is None else str(champion.version),
-    }
-    for key, value in tags.items():
+    for key, value in _gate_tags(decision).items():
         c.set_model_version_tag(name, version, key, value)
+    _gate_artifact(name, version, decision)
+    run_logger().info("champion gate for %s v%s: %s", name, version, decision.reason)
+    return decision
+
+
+def _gate_tags(decision: GateDecision) -> dict[str, str]:
+    return {
+        "visionflow.gate.promoted": str(decision.promoted).lower(),
+        "visionflow.gate.reason": decision.reason,
+        "visionflow.gate.metric": decision.metric,
+        "visionflow.gate.challenger_score": f"{decision.challenger_score:.6f}",
+        "visionflow.gate.champion_score": "" if decision.champion_score is None else f"{decision.champion_score:.6f}",
+        "visionflow.gate.champion_version": decision.champion_version or "",
+    }
+
+
+def _gate_artifact(name: str, version: str, decision: GateDecision) -> None:
+    """The decision on the Prefect flow run's page, where the person who started it looks."""
+    from prefect.artifacts import create_markdown_artifact
+
+    d = decision
+    champion = "-" if d.champion_score is None else f"{d.champion_score:.4f} (v{d.champion_version})"
     create_markdown_artifact(
         key="promotion-decision",
         markdown=(
             f"# Champion gate: {name} v{version}\n\n| decision | metric | challenger | champion |\n|---|---|---|---|\n"
-            f"| {'promoted to champion' if promoted else 'challenger only'} | {gate.metric} | {new_score:.4f} | "
-            f"{'-' if old_score is None else f'{old_score:.4f} (v{champion.version})'} |\n\n{reason}"
+            f"| {'promoted to champion' if d.promoted else 'challenger only'} | {d.metric} | {d.challenger_score:.4f} | "
+            f"{champion} |\n\n{d.reason}"
         ),
         description=f"Promotion decision for {name} v{version}",
     )
-    run_logger().info("champion gate for %s v%s: %s", name, version, reason)
-    return {"promoted": promoted, "reason": reason, "challenger_score": new_score, "champion_score": old_score}
 
 
 def _download(name: str, version: str) -> str:

@@ -33,7 +33,7 @@ def retrained(digits_dir, mlflow_server, prefect_server, tmp_path_factory):
     from tasks.records import IngestResult
 
     ingest = IngestResult(
-        data_dir=str(digits_dir), manifest_path=result["manifest"], dataset_hash="h",
+        data_dir=str(digits_dir), manifest_path=result.manifest, dataset_hash="h",
         class_names=[str(d) for d in range(10)], summary={},
     )
     return {"result": result, "name": name, "out": out, "ingest": ingest}

@@ -39,7 +39,7 @@ def test_transient_registry_failure_is_retried(digits_dir, on_servers, monkeypat
     result = retrain(data_dir=str(digits_dir), config=small_config(name, arch="resnet18"), output_dir=str(tmp_path / "run"))
     assert calls["n"] == 2
     versions = mlflow_client(os.environ["MLFLOW_TRACKING_URI"]).search_model_versions(f"name = '{name}'")
-    assert [v.version for v in versions] == [result["version"]] == ["1"]
+    assert [v.version for v in versions] == [result.version] == ["1"]
 
 
 DIE_AFTER_FIRST_EPOCH = """
@@ -81,7 +81,7 @@ def test_run_killed_during_training_resumes_from_checkpoint(digits_dir, on_serve
     final = load_checkpoint(out / "checkpoints" / "last.pt")
     assert final["epoch"] == 2
     assert final["history"][0] == first_epoch, "epoch 1 was not trained again"
-    assert result["version"] == "1"
+    assert result.version == "1"
 
 
 def test_flow_retry_resumes_from_the_failed_task(digits_dir, on_servers, monkeypatch, tmp_path):
@@ -110,4 +110,4 @@ def test_flow_retry_resumes_from_the_failed_task(digits_dir, on_servers, monkeyp
     flow = retrain.with_options(retries=1, retry_delay_seconds=0)
     result = flow(data_dir=str(digits_dir), config=small_config(name, arch="resnet18"), output_dir=str(tmp_path / "run"))
     assert calls == {"fit": 1, "explain": 3}
-    assert result["version"] == "1" and Path(result["report"]).is_file()
+    assert result.version == "1" and Path(result.report).is_file()

@@ -25,11 +25,14 @@ pytestmark = pytest.mark.slow
 def test_registered_version_is_champion(retrained, on_servers):
 
     client = mlflow_client(os.environ["MLFLOW_TRACKING_URI"])
-    name, version = retrained["name"], retrained["result"]["version"]
+    name, version = retrained["name"], retrained["result"].version
     mv = client.get_model_version(name, version)
-    assert mv.tags["visionflow.run_id"] == retrained["result"]["run_id"]
+    assert mv.tags["visionflow.run_id"] == retrained["result"].run_id
     assert str(client.get_model_version_by_alias(name, "champion").version) == version
-    run = client.get_run(retrained["result"]["run_id"])
+    gate = retrained["result"].gate
+    assert retrained["result"].promoted and gate.champion_version is None, "the flow's result carries the gate's decision"
+    assert mv.tags["visionflow.gate.reason"] == gate.reason == "no champion yet: the first version becomes champion"
+    run = client.get_run(retrained["result"].run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params["train.arch"] == "resnet50"
     assert "val_top1" in run.data.metrics and "train_loss" in run.data.metrics
@@ -40,7 +43,7 @@ def test_prefect_server_recorded_the_flow_and_tasks(retrained, on_servers):
     from prefect import get_client
 
     with get_client(sync_client=True) as client:
-        run = client.read_flow_run(retrained["result"]["flow_run_id"])
+        run = client.read_flow_run(retrained["result"].flow_run_id)
         tasks = client.read_task_runs()
     assert run.name == "retrain-digits" and run.state.is_completed()
     names = {t.name.rsplit("-", 1)[0] for t in tasks if t.flow_run_id == run.id}
@@ -89,14 +92,14 @@ def test_score_flow_writes_one_row_per_file(retrained, on_servers, digits_dir, t
         assert len(probs) == 5 and probs.sum() <= 1 + 1e-5
         assert np.all(np.diff(probs) <= 0), "probabilities must be in descending order"
         assert labels[0] == top1
-    assert (df["model_version"] == retrained["result"]["version"]).all()
+    assert (df["model_version"] == retrained["result"].version).all()
 
 
 def test_explain_flow_report_has_one_image_per_sample(retrained, on_servers, digits_dir, tmp_path):
     from flows.explain import explain
 
     out = tmp_path / "report.html"
-    explain(input_dir=str(digits_dir), model_uri=f"models:/{retrained['name']}/{retrained['result']['version']}", out=str(out), config=ReportConfig(samples=5))
+    explain(input_dir=str(digits_dir), model_uri=f"models:/{retrained['name']}/{retrained['result'].version}", out=str(out), config=ReportConfig(samples=5))
     html = out.read_text()
     assert html.count('class="card sample"') == 5
     assert "http://" not in html.replace("http://www.w3.org", "") and "https://" not in html, "report must be self-contained"
@@ -104,9 +107,9 @@ def test_explain_flow_report_has_one_image_per_sample(retrained, on_servers, dig
 
 def test_retrain_report_attached_to_the_run(retrained, on_servers):
 
-    report = Path(retrained["result"]["report"])
+    report = Path(retrained["result"].report)
     assert report.read_text().count('class="card sample"') == 6
-    artifacts = [a.path for a in mlflow_client(os.environ["MLFLOW_TRACKING_URI"]).list_artifacts(retrained["result"]["run_id"], "report")]
+    artifacts = [a.path for a in mlflow_client(os.environ["MLFLOW_TRACKING_URI"]).list_artifacts(retrained["result"].run_id, "report")]
     assert "report/report.html" in artifacts
 
 
@@ -124,10 +127,10 @@ def test_registry_on_postgres(retrained, mlflow_server_postgres, prefect_server,
     config = small_config(name)
     ingest = IngestResult(data_dir="d", manifest_path="m", dataset_hash="h", class_names=[str(d) for d in range(10)], summary={})
     run_id = start_run.fn(config, ingest)
-    registered = register_model.fn(run_id, retrained["result"]["checkpoint"], name, Validation(metrics={"val_top1": 0.5}, n=1))
-    again = register_model.fn(run_id, retrained["result"]["checkpoint"], name, Validation(metrics={"val_top1": 0.5}, n=1))
+    registered = register_model.fn(run_id, retrained["result"].checkpoint, name, Validation(metrics={"val_top1": 0.5}, n=1))
+    again = register_model.fn(run_id, retrained["result"].checkpoint, name, Validation(metrics={"val_top1": 0.5}, n=1))
     assert again.version == registered.version, "a retried registration must not create a second version"
-    assert champion_gate.fn(registered, ingest, Validation(metrics={"val_top1": 0.5}, n=1), GateConfig())["promoted"]
+    assert champion_gate.fn(registered, ingest, Validation(metrics={"val_top1": 0.5}, n=1), GateConfig()).promoted
     local, version = resolve_model(f"models:/{name}@champion")
     model, meta = load_package(local)
     assert version == registered.version and meta["arch"] == "resnet50"

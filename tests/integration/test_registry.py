@@ -25,7 +25,7 @@ def _register_copy(retrained, name: str, run_tag: str):
     from tests.integration.support import small_config
 
     run_id = start_run.fn(small_config(name), retrained["ingest"])
-    return register_model.fn(run_id, retrained["result"]["checkpoint"], name, Validation(metrics={"val_top1": 0.0}, n=1))
+    return register_model.fn(run_id, retrained["result"].checkpoint, name, Validation(metrics={"val_top1": 0.0}, n=1))
 
 
 def test_gate_re_evaluates_the_champion(retrained, on_servers):
@@ -42,9 +42,10 @@ def test_gate_re_evaluates_the_champion(retrained, on_servers):
 
     worse = _register_copy(retrained, name, "worse")
     decision = champion_gate.fn(worse, retrained["ingest"], Validation(metrics={"val_top1": -1.0}, n=1), GateConfig())
-    assert decision["promoted"] is False
-    measured = decision["champion_score"]
-    assert measured == pytest.approx(retrained["result"]["metrics"]["val_top1"], abs=1e-6), "champion re-measured on the same split"
+    assert decision.promoted is False
+    measured = decision.champion_score
+    assert measured == pytest.approx(retrained["result"].metrics["val_top1"], abs=1e-6), "champion re-measured on the same split"
+    assert decision.champion_version == str(champion_before) and decision.reason.endswith("champion stays")
     tags = client.get_model_version(name, worse.version).tags
     assert tags["visionflow.gate.promoted"] == "false"
     assert tags["visionflow.gate.champion_version"] == str(champion_before)
@@ -53,9 +54,9 @@ def test_gate_re_evaluates_the_champion(retrained, on_servers):
 
     better = _register_copy(retrained, name, "better")
     margin_blocked = champion_gate.fn(better, retrained["ingest"], Validation(metrics={"val_top1": measured + 0.01}, n=1), GateConfig(margin=0.05))
-    assert margin_blocked["promoted"] is False, "the margin must be beaten, not just the score"
+    assert margin_blocked.promoted is False, "the margin must be beaten, not just the score"
     decision = champion_gate.fn(better, retrained["ingest"], Validation(metrics={"val_top1": measured + 0.1}, n=1), GateConfig(margin=0.05))
-    assert decision["promoted"] is True
+    assert decision.promoted is True
     assert client.get_model_version_by_alias(name, "champion").version == better.version
     assert client.get_model_version(name, better.version).tags["visionflow.gate.promoted"] == "true"
 
@@ -82,7 +83,7 @@ def test_concurrent_registrations_leave_one_champion(retrained, mlflow_server, p
 
     name = f"concurrent-{uuid.uuid4().hex[:6]}"
     env = dict(os.environ, MLFLOW_TRACKING_URI=mlflow_server, MLFLOW_REGISTRY_URI=mlflow_server, PREFECT_API_URL=prefect_server, PYTHONPATH=str(Path(__file__).parents[2]))
-    args = [name, retrained["result"]["checkpoint"], retrained["ingest"].manifest_path, retrained["ingest"].data_dir]
+    args = [name, retrained["result"].checkpoint, retrained["ingest"].manifest_path, retrained["ingest"].data_dir]
     procs = [
         subprocess.Popen([sys.executable, "-c", CONCURRENT, *args, score], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for score in ("0.5", "0.6")
@@ -142,13 +143,32 @@ def test_two_learning_rates_compare_over_rest(digits_dir, on_servers, mlflow_ser
         assert "visionflow.dataset_hash" in tags and "prefect.flow_run_id" in tags
 
 
+def test_experiment_opens_on_the_training_view(retrained, on_servers, mlflow_server):
+    """The MLflow 3 UI chooses its view from the experiment's kind tag: the retraining experiment
+    is a model-training one, an older experiment without the tag gets it, a kind chosen by hand stays."""
+    import uuid
+
+    from tasks.registry import ensure_experiment
+
+    kind = "mlflow.experimentKind"
+    exp = _rest(f"{mlflow_server}/api/2.0/mlflow/experiments/get-by-name?experiment_name=visionflow")["experiment"]
+    assert {t["key"]: t["value"] for t in exp["tags"]}[kind] == "custom_model_development"
+    client = mlflow_client(mlflow_server)
+    older = client.create_experiment(f"older-{uuid.uuid4().hex[:6]}")
+    assert ensure_experiment(client.get_experiment(older).name) == older
+    assert client.get_experiment(older).tags[kind] == "custom_model_development"
+    chosen = client.create_experiment(f"chosen-{uuid.uuid4().hex[:6]}", tags={kind: "genai_development"})
+    assert ensure_experiment(client.get_experiment(chosen).name) == chosen
+    assert client.get_experiment(chosen).tags[kind] == "genai_development"
+
+
 def test_evaluation_artifacts_logged(retrained, on_servers):
 
-    files = {a.path for a in mlflow_client(os.environ["MLFLOW_TRACKING_URI"]).list_artifacts(retrained["result"]["run_id"], "evaluation")}
+    files = {a.path for a in mlflow_client(os.environ["MLFLOW_TRACKING_URI"]).list_artifacts(retrained["result"].run_id, "evaluation")}
     for name in ("confusion_matrix.png", "per_class_f1.png", "reliability.png", "training_curves.png", "val_metrics.json",
                  "augmentation_preview.png"):
         assert f"evaluation/{name}" in files
-    metrics = mlflow_client(os.environ["MLFLOW_TRACKING_URI"]).get_run(retrained["result"]["run_id"]).data.metrics
+    metrics = mlflow_client(os.environ["MLFLOW_TRACKING_URI"]).get_run(retrained["result"].run_id).data.metrics
     for key in ("best_val_top1", "best_val_top5", "best_val_macro_f1", "best_val_balanced_accuracy", "best_val_ece"):
         assert key in metrics
 
