@@ -191,16 +191,14 @@ def cmd_score(args: argparse.Namespace) -> int:
         raise CliError("--workers must be at least 1")
     _use_prefect()
     from flows.score import score
-    from tasks.score import ScoringEngine
 
-    cfg = ScoreConfig(**{k: v for k, v in {"batch_size": args.batch_size, "num_workers": args.loader_workers, "device": args.device,
-                                          "precision": args.precision, "top_k": args.top_k}.items() if v is not None})
-    engine = ScoringEngine(**{k: v for k, v in {"compile": args.compile or None, "gpu_decode": args.gpu_decode,
-                                               "part_size": args.part_size}.items() if v is not None})
+    given = {"batch_size": args.batch_size, "num_workers": args.loader_workers, "device": args.device, "precision": args.precision,
+             "top_k": args.top_k, "compile": args.compile or None, "gpu_decode": args.gpu_decode, "part_size": args.part_size}
+    cfg = ScoreConfig(**{k: v for k, v in given.items() if v is not None})
     result = score(
         input_dir=input_spec, model_uri=model_uri, out=str(Path(args.out).expanduser().absolute()), config=cfg, weights=weights,
         workers=args.workers or 1, dask_address=args.dask_address, shards=args.shards,
-        root=str(Path(args.root).expanduser().resolve()) if args.root else None, engine=engine,
+        root=str(Path(args.root).expanduser().resolve()) if args.root else None,
     )
     _print_paths(
         "scoring finished",

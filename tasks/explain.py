@@ -36,7 +36,7 @@ def explain_folder(input_dir: str, model_uri: str, out: str, config: ReportConfi
     labelled images are screened first so the report shows the misclassified ones and the
     confusions over every screened image."""
     from cvlib.explain.report import confusions_from_matrix
-    from cvlib.inference.predict import list_input_files
+    from cvlib.inference.inputs import list_input_files
     from cvlib.training.checkpoint import load_package
     from cvlib.training.metrics import classification_metrics
 
