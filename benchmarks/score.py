@@ -8,13 +8,13 @@ not depend on its weights):
 
 * **loop**: what a notebook does: one image at a time, fp32, full Pillow decode,
   ``Resize(256) + CenterCrop(224)``, softmax + top-5, rows collected in a list.
-* **pipeline**: :func:`cvlib.inference.predict.score_to_parts`, the engine behind ``visionflow score``:
+* **pipeline**: :func:`cvlib.inference.predict.score_to_parts`, the pipeline behind ``visionflow score``:
   files -> DataLoader workers (read, sha256, JPEG draft decode, resize, crop, normalise, stack)
   -> batched model (channels_last, BatchNorm folded into the convolutions, bf16 autocast where
   the CPU has native bf16) -> writer thread -> Parquet part files renamed into place. Timed end
   to end: worker start-up, the model's first (warm-up) batch and the last write included.
   ``--loader threads`` decodes in threads instead of DataLoader worker processes.
-* **model-only bound**: the same model, folding and precision (:class:`cvlib.inference.predict.ModelRunner`)
+* **model-only bound**: the same model, folding and precision (:class:`cvlib.inference.loop.InferenceForward`)
   on in-memory tensors, batch 32, after one warm-up batch: no file is read, nothing is written.
   The pipeline cannot beat it in steady state, so ``pipeline / bound`` is the share of the
   machine that decoding, writing and start-up leave to the model.
@@ -105,7 +105,7 @@ def notebook_loop(model, files: list[Path], class_names: list[str], window: floa
     return len(rows) / seconds
 
 
-def model_bound(runner, window: float, batch_size: int = 32) -> float:
+def model_bound(forward, window: float, batch_size: int = 32) -> float:
     """images/s of the model alone on in-memory batches for about ``window`` seconds (after one
     warm-up batch)."""
     import torch
@@ -114,10 +114,10 @@ def model_bound(runner, window: float, batch_size: int = 32) -> float:
     x = torch.randn(batch_size, 3, 224, 224).contiguous(memory_format=torch.channels_last)
     batches = 0
     with torch.inference_mode():
-        torch.softmax(runner(x).float(), dim=1).topk(5)
+        torch.softmax(forward(x), dim=1).topk(5)
         t0 = time.perf_counter()
         while batches < 1 or time.perf_counter() - t0 < window:
-            torch.softmax(runner(x).float(), dim=1).topk(5)
+            torch.softmax(forward(x), dim=1).topk(5)
             batches += 1
         seconds = time.perf_counter() - t0
     return batches * batch_size / seconds
@@ -138,7 +138,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from cvlib.inference.predict import ModelRunner, ScoringOptions, read_predictions, score_to_parts
+    from cvlib.inference.loop import InferenceForward
+    from cvlib.inference.options import ScoreConfig
+    from cvlib.inference.output import read_predictions
+    from cvlib.inference.predict import score_to_parts
     from cvlib.models.factory import pick_device
     from cvlib.models.precision import inference_dtype
     from cvlib.models.zoo import imagenet_model
@@ -158,9 +161,11 @@ def main(argv: list[str] | None = None) -> int:
     dev = pick_device("cpu")
     amp = inference_dtype(args.precision, dev)
     precision = "fp32" if amp is None else str(amp).removeprefix("torch.")
-    runner = ModelRunner(model, dev, amp, compile=args.compile, batch_size=32)
+    # As scoring runs it: eval mode, channels_last weights, BatchNorm folded, maybe compiled.
+    model = model.eval().to(dev, memory_format=torch.channels_last)
+    forward = InferenceForward(model, dev, amp, fuse=True, compile=args.compile, batch_size=32)
 
-    options = ScoringOptions(
+    config = ScoreConfig(
         batch_size=args.batch_size, num_workers=args.workers, device="cpu", precision=args.precision,
         compile=args.compile, loader=args.loader,
     )  # fmt: skip
@@ -172,11 +177,11 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(tmp.name) / "predictions"
     for r in range(args.rounds):
         stats = score_to_parts(model, meta, data, chunks[r], out, model_uri="torchvision/resnet50", model_version="random-seed0",
-                               options=options)
+                               config=config)
         rates["pipeline"].append(stats.images_per_s)
         parts += len(stats.parts)
         window = min(stats.seconds, args.max_window)  # the other arms get as long as the pipeline took
-        rates["bound"].append(model_bound(runner, window))
+        rates["bound"].append(model_bound(forward, window))
         rates["loop"].append(notebook_loop(loop_model, [data / n for n in chunks[r]], meta["class_names"], window))
         print(f"round {r + 1}/{args.rounds}: bound {rates['bound'][-1]:.2f}, pipeline {rates['pipeline'][-1]:.2f} "
               f"({stats.processed} files, {stats.seconds:.1f}s), loop {rates['loop'][-1]:.2f} images/s; "

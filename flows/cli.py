@@ -215,18 +215,20 @@ def cmd_score(args: argparse.Namespace) -> int:
 
     input_spec = _score_input(args.input, args.root)
     model_uri, weights = _score_model(args.model, args.weights)
+    cfg = _options(
+        ScoreConfig,
+        {"batch_size": ("--batch-size", args.batch_size), "num_workers": ("--loader-workers", args.loader_workers),
+         "device": ("--device", args.device), "precision": ("--precision", args.precision), "top_k": ("--top-k", args.top_k),
+         "compile": ("--compile", args.compile or None), "gpu_decode": ("--gpu-decode", args.gpu_decode),
+         "part_size": ("--part-size", args.part_size)},
+    )  # fmt: skip
     _use_prefect()
     from flows.score import score
-    from tasks.score import ScoringEngine
 
-    cfg = ScoreConfig(**{k: v for k, v in {"batch_size": args.batch_size, "num_workers": args.loader_workers, "device": args.device,
-                                          "precision": args.precision, "top_k": args.top_k}.items() if v is not None})
-    engine = ScoringEngine(**{k: v for k, v in {"compile": args.compile or None, "gpu_decode": args.gpu_decode,
-                                               "part_size": args.part_size}.items() if v is not None})
     result = score(
         input_dir=input_spec, model_uri=model_uri, out=str(Path(args.out).expanduser().absolute()), config=cfg, weights=weights,
         workers=args.dask_workers or 1, dask_address=args.dask_address, shards=args.shards,
-        root=str(Path(args.root).expanduser().resolve()) if args.root else None, engine=engine,
+        root=str(Path(args.root).expanduser().resolve()) if args.root else None,
     )
     _print_paths(
         "scoring finished",

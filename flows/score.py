@@ -35,17 +35,9 @@ from prefect.futures import wait
 from prefect.utilities.annotations import unmapped
 
 from cvlib.inference.options import ScoreConfig
+from cvlib.inference.shards import read_progress
 from flows.naming import run_name
-from tasks.score import (
-    BatchScoreResult,
-    ScoringEngine,
-    ScoringPlan,
-    ShardResult,
-    finish_scoring,
-    plan_scoring,
-    read_progress,
-    score_shard,
-)
+from tasks.score import BatchScoreResult, ScoringJob, ShardResult, finish_scoring, plan_scoring, score_shard
 
 LOOPBACK = "127.0.0.1"
 
@@ -99,20 +91,20 @@ def _progress_bar(total: int, initial: int):
 
 
 @flow(name="score-shards", log_prints=True)
-def score_shards(plan: ScoringPlan, config: ScoreConfig, engine: ScoringEngine) -> list[ShardResult]:
-    """Map ``score-shard`` over the plan's shards on this flow's task runner, with a progress bar
+def score_shards(job: ScoringJob, config: ScoreConfig) -> list[ShardResult]:
+    """Map ``score-shard`` over the job's shards on this flow's task runner, with a progress bar
     (a terminal only) and a Prefect progress artifact fed from the shards' progress files."""
     from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
-    total = max(plan.files, 1)
-    artifact = create_progress_artifact(progress=0.0, key="scoring-progress", description=f"Scoring {plan.files} files")
-    futures = score_shard.map(unmapped(plan), range(len(plan.shard_lists)), unmapped(config), unmapped(engine))
-    bar = _progress_bar(plan.files, 0)
+    total = max(job.files, 1)
+    artifact = create_progress_artifact(progress=0.0, key="scoring-progress", description=f"Scoring {job.files} files")
+    futures = score_shard.map(unmapped(job), range(len(job.shard_lists)), unmapped(config))
+    bar = _progress_bar(job.files, 0)
     last = 0
     try:
         while True:
             _, not_done = wait(futures, timeout=1.0)
-            seen = min(read_progress(plan), plan.files)
+            seen = min(read_progress(job.progress_dir), job.files)
             if seen != last:
                 bar.update(seen - last)
                 last = seen
@@ -137,7 +129,6 @@ def score(
     dask_address: str | None = None,
     shards: int | None = None,
     root: str | None = None,
-    engine: ScoringEngine = ScoringEngine(),
 ) -> BatchScoreResult:
     """Top-5 predictions for every input file, one row per file.
 
@@ -146,11 +137,12 @@ def score(
     ``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, a checkpoint or package path, or
     ``torchvision/ARCH`` with ``weights`` (DEFAULT, a weights name, a file, or none).
     ``out``: ``*.parquet`` -> one file written at the end; otherwise a dataset folder of part files.
+    ``config``: how to score (batching, device, precision, decoding, compile, part sizes).
     """
-    plan = plan_scoring(input_dir, model_uri, str(out), weights=weights, shards=shards or default_shards(workers, dask_address), root=root)
+    job = plan_scoring(input_dir, model_uri, str(out), weights=weights, shards=shards or default_shards(workers, dask_address), root=root)
     t0 = time.perf_counter()
     runner = task_runner(workers, dask_address)
     results = score_shards.with_options(task_runner=runner, flow_run_name=f"score-shards-{Path(str(input_dir)).name or 'run'}")(
-        plan, config, engine
+        job, config
     )
-    return finish_scoring(plan, results, config, time.perf_counter() - t0)
+    return finish_scoring(job, results, config, time.perf_counter() - t0)

@@ -37,7 +37,7 @@ def explain_folder(input_dir: str, model_uri: str, out: str, config: ReportConfi
     confusions over every screened image."""
     from cvlib.explain.report import sampling_note
     from cvlib.explain.summary import confusions_from_matrix
-    from cvlib.inference.predict import list_input_files
+    from cvlib.inference.inputs import list_input_files
     from cvlib.training.checkpoint import load_package
     from cvlib.training.metrics import classification_metrics
 

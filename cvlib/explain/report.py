@@ -26,8 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 from cvlib.data.imageio import ImageReadError, load_rgb
 from cvlib.data.transforms import eval_preset_from
 from cvlib.explain.images import image_path as _source  # the name _Files reads it by
-from cvlib.models.factory import eval_mode, pick_device
-from cvlib.models.precision import autocast as precision_autocast
+from cvlib.models.factory import pick_device
 from cvlib.models.precision import inference_dtype
 
 __all__ = ["Screening", "choose_samples", "sampling_note", "screen_files"]
@@ -119,21 +118,26 @@ def screen_files(
     loader = DataLoader(ds, batch_size=max(1, batch_size), shuffle=False, num_workers=num_workers, collate_fn=_as_list)
     dev = pick_device(device)
     model = model.to(dev)
-    dtype = inference_dtype(precision, dev)
     kept: list[int] = []
     probs: list[np.ndarray] = []
     errors: list[dict] = []
-    with eval_mode(model), torch.inference_mode():
-        for batch in loader:
-            good = [(i, t) for i, t, _ in batch if t is not None]
-            errors += [{"path": ds.files[i], "error": err} for i, t, err in batch if t is None]
-            if not good:
-                continue
-            x = torch.stack([t for _, t in good]).to(dev)
-            with precision_autocast(dev, dtype):
-                logits = model(x)
-            probs.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
-            kept += [i for i, _ in good]
+
+    def readable(batch: list) -> tuple[tuple[list[int], list[dict]], torch.Tensor | None]:
+        """((indices of the readable files, errors of the others), their images stacked)."""
+        good = [(i, t) for i, t, _ in batch if t is not None]
+        bad = [{"path": ds.files[i], "error": err} for i, t, err in batch if t is None]
+        return ([i for i, _ in good], bad), torch.stack([t for _, t in good]) if good else None
+
+    from contextlib import closing
+
+    from cvlib.inference.loop import infer_batches
+
+    with closing(infer_batches(model, map(readable, loader), dev, amp_dtype=inference_dtype(precision, dev))) as results:
+        for (good, bad), logits in results:
+            errors += bad
+            if logits is not None:
+                probs.append(torch.softmax(logits, dim=1).cpu().numpy())
+                kept += good
     return Screening(
         files=[ds.files[i] for i in kept],
         labels=[labels[i] for i in kept],

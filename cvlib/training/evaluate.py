@@ -36,25 +36,22 @@ def evaluate(
     amp_dtype: torch.dtype | None = None,
     memory_format: torch.memory_format = torch.contiguous_format,
 ) -> Evaluation:
-    """Evaluate in eval mode and restore the model's previous mode afterwards. Losses and
-    probabilities are computed in fp32 even when the forward runs under autocast."""
-    from cvlib.models.precision import autocast
+    """Evaluate in the inference loop (:func:`cvlib.inference.loop.infer_batches`): eval mode,
+    every module's own mode restored afterwards, the model itself untouched (it may be the one
+    being trained). Losses and probabilities are computed in fp32 even when the forward runs
+    under autocast."""
+    from contextlib import closing
 
-    was_training = model.training
-    model.eval()
+    from cvlib.inference.loop import infer_batches
+
     losses, all_targets, all_probs = [], [], []
-    try:
-        for images, targets in loader:
-            images = images.to(device, non_blocking=True, memory_format=memory_format)
+    pairs = ((targets, images) for images, targets in loader)
+    with closing(infer_batches(model, pairs, device, amp_dtype=amp_dtype, memory_format=memory_format)) as results:
+        for targets, logits in results:
             targets = targets.to(device, non_blocking=True)
-            with autocast(device, amp_dtype):
-                logits = model(images)
-            logits = logits.float()
             losses.append(nn.functional.cross_entropy(logits, targets, reduction="sum").item())
             all_probs.append(torch.softmax(logits, dim=1).cpu())
             all_targets.append(targets.cpu())
-    finally:
-        model.train(was_training)
     if not all_targets:
         return Evaluation(float("nan"), float("nan"), float("nan"), 0, np.zeros(0, int), np.zeros((0, 0)))
     probs = torch.cat(all_probs)

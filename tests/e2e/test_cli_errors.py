@@ -46,6 +46,8 @@ CASES = [
     ("score DIR --model /etc/passwd --out TMP/p.parquet", "/etc/passwd"),
     ("score DIR --model torchvision/resnet18 --weights none --dask-workers 0 --out TMP/p", "--dask-workers"),
     ("score TMP/nope --model /etc/passwd --out TMP/p.parquet", "TMP/nope"),
+    ("score DIR --model TMP/empty.pt --out TMP/p.parquet --batch-size 0", "--batch-size"),
+    ("score DIR --model TMP/empty.pt --out TMP/p.parquet --loader-workers -1", "--loader-workers"),
     ("explain DIR --model /etc/passwd --out TMP/r.html", "/etc/passwd"),
     ("explain DIR --model TMP --out TMP/r.html", "visionflow.json"),
     ("explain DIR --model TMP/empty.pt --out TMP/r.html --samples 0", "--samples"),

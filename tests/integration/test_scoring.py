@@ -28,7 +28,7 @@ def inputs(digits_dir, tmp_path_factory) -> Path:
 
 
 def _rows(out: Path) -> pd.DataFrame:
-    from cvlib.inference.predict import read_predictions
+    from cvlib.inference.output import read_predictions
 
     return read_predictions(out).drop(columns=["scored_at"]).reset_index(drop=True)
 
@@ -56,11 +56,10 @@ def _summary_markdown() -> str:
 
 def test_dataset_output_one_row_per_file_and_rerun_resumes(on_prefect, inputs, checkpoint, tmp_path):
     from flows.score import score
-    from tasks.score import ScoringEngine
 
     out = tmp_path / "predictions"
-    cfg = ScoreConfig(num_workers=0, batch_size=8, precision="fp32")
-    first = score(input_dir=str(inputs), model_uri=str(checkpoint), out=str(out), config=cfg, engine=ScoringEngine(part_size=8))
+    cfg = ScoreConfig(num_workers=0, batch_size=8, precision="fp32", part_size=8)
+    first = score(input_dir=str(inputs), model_uri=str(checkpoint), out=str(out), config=cfg)
     rows = _rows(out)
     assert (first.files, first.errors, first.skipped, first.layout) == (32, 2, 0, "dataset")
     assert len(rows) == 32 and rows["path"].is_unique
@@ -71,7 +70,7 @@ def test_dataset_output_one_row_per_file_and_rerun_resumes(on_prefect, inputs, c
     assert "| 32 | 30 | 2 | 0 |" in _summary_markdown()
 
     parts[1].unlink()  # as if the run had died before writing its second part
-    again = score(input_dir=str(inputs), model_uri=str(checkpoint), out=str(out), config=cfg, engine=ScoringEngine(part_size=8))
+    again = score(input_dir=str(inputs), model_uri=str(checkpoint), out=str(out), config=cfg)
     assert (again.skipped, again.processed, again.files) == (24, 8, 32)
     _same(_rows(out), rows)
 

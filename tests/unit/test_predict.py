@@ -1,4 +1,4 @@
-"""cvlib.inference.predict: one row per input file, readable or not, in a stable order; top-k that is a
+"""Scoring (cvlib.inference): one row per input file, readable or not, in a stable order; top-k that is a
 real probability ranking; Parquet output with the documented schema and metadata.
 
 The model is an untrained resnet18 (random init, 3 classes): predictions are meaningless but
@@ -26,25 +26,23 @@ import torch
 from PIL import Image
 
 from cvlib.files.parquet import read_metadata
-from cvlib.inference.predict import (
+from cvlib.inference.decoding import orient_tensor
+from cvlib.inference.inputs import list_input_files
+from cvlib.inference.loop import InferenceForward
+from cvlib.inference.options import ScoreConfig
+from cvlib.inference.output import (
     META_CLASS_NAMES,
     META_SCORING,
     PREDICTIONS_SCHEMA,
-    ModelRunner,
-    ScoringOptions,
     compact_parts,
     finalize_single_file,
-    list_input_files,
-    orient_tensor,
     output_layout,
-    predict_sources,
-    read_done,
     read_predictions,
-    score_folder,
-    score_to_parts,
-    shard_files,
     write_predictions,
 )
+from cvlib.inference.predict import predict_sources, score_folder, score_to_parts
+from cvlib.inference.resume import read_done
+from cvlib.inference.shards import shard_files
 from cvlib.models.factory import create_model
 
 CLASSES = ["apple", "banana", "cherry"]
@@ -56,6 +54,11 @@ META = {
 }
 GOOD = ["a_red.png", "b_green.jpg", "sub/c_blue.png", "sub/d_wide.png"]
 BAD = {"e_empty.jpg": "empty", "f_notes.jpg": "not_an_image", "g_truncated.png": "truncated"}
+
+
+def cfg(**changes) -> ScoreConfig:
+    """Fast and exact: fp32 on the CPU, decoded in the scoring thread."""
+    return ScoreConfig(**({"num_workers": 0, "device": "cpu", "precision": "fp32"} | changes))
 
 
 def _png_bytes(color, size=(24, 24)) -> bytes:
@@ -95,7 +98,7 @@ def folder(tmp_path_factory):
 @pytest.fixture(scope="module")
 def scored(model, folder) -> pd.DataFrame:
     return score_folder(
-        model, META, folder, model_uri="models:/m@champion", model_version="7", batch_size=3, num_workers=0, device="cpu"
+        model, META, folder, model_uri="models:/m@champion", model_version="7", config=cfg(batch_size=3)
     )
 
 
@@ -153,7 +156,7 @@ def test_good_files_get_a_top_k_ranking(scored, folder):
 
 def test_rows_do_not_depend_on_batching(model, folder, scored):
     """A bad file in a batch must not shift a neighbour's prediction onto it."""
-    one_by_one = score_folder(model, META, folder, batch_size=1, num_workers=0, device="cpu")
+    one_by_one = score_folder(model, META, folder, config=cfg(batch_size=1))
     for a, b in zip(scored.itertuples(), one_by_one.itertuples()):
         assert a.path == b.path and a.status == b.status
         if a.status == "ok":
@@ -162,7 +165,7 @@ def test_rows_do_not_depend_on_batching(model, folder, scored):
 
 
 def test_top_k_smaller_than_classes(model, folder):
-    df = score_folder(model, META, folder, files=["a_red.png"], top_k=2, num_workers=0, device="cpu")
+    df = score_folder(model, META, folder, files=["a_red.png"], config=cfg(top_k=2))
     assert len(df) == 1 and len(df.loc[0, "top5_probs"]) == 2 and sum(df.loc[0, "top5_probs"]) < 1
 
 
@@ -204,7 +207,7 @@ def test_predict_sources_all_bad_still_one_row_each(model):
 def test_unsupported_image_formats_still_get_a_row(model, tmp_path):
     (tmp_path / "photo.heic").write_bytes(b"\x00\x00\x00\x18ftypheic" + b"\x00" * 64)
     (tmp_path / "ok.png").write_bytes(_png_bytes((10, 10, 10)))
-    df = score_folder(model, META, tmp_path, num_workers=0, device="cpu")
+    df = score_folder(model, META, tmp_path, config=cfg())
     assert df["path"].tolist() == ["ok.png", "photo.heic"]
     assert df.set_index("path").loc["photo.heic", "status"] != "ok"
 
@@ -212,7 +215,7 @@ def test_unsupported_image_formats_still_get_a_row(model, tmp_path):
 # --------------------------------------------------------------------------- streaming to Parquet parts
 
 REPO = Path(__file__).resolve().parents[2]
-FAST = ScoringOptions(batch_size=3, num_workers=0, device="cpu", precision="fp32", part_size=4)
+FAST = cfg(batch_size=3, part_size=4)
 
 
 def _comparable(df: pd.DataFrame) -> pd.DataFrame:
@@ -257,7 +260,7 @@ def test_parts_have_schema_metadata_and_one_row_per_file(model, folder, scored, 
     out = tmp_path / "ds"
     files = list_input_files(folder)
     stats = score_to_parts(model, META, folder, files, out, model_uri="models:/m@champion", model_version="7",
-                           options=FAST, config={"input": str(folder)})
+                           config=FAST, job={"input": str(folder)})
     assert (stats.files, stats.scored, stats.errors, stats.skipped) == (7, 4, 3, 0)
     parts = sorted(out.glob("part-*.parquet"))
     assert len(parts) == 2 and [p.name for p in parts] == sorted(stats.parts)  # 7 rows, 4 per part
@@ -278,19 +281,19 @@ def test_rerun_skips_done_files_and_rescoring_changed_content_supersedes(model, 
     shutil.copytree(folder, src)
     out = tmp_path / "ds"
     files = list_input_files(src) + ["gone/missing.jpg"]
-    first = score_to_parts(model, META, src, files, out, model_version="7", options=FAST)
+    first = score_to_parts(model, META, src, files, out, model_version="7", config=FAST)
     assert first.files == 8 and first.scored + first.errors == 8
     missing = read_predictions(out).set_index("path").loc["gone/missing.jpg"]
     assert missing["status"] == "missing" and "does not exist" in missing["error"] and pd.isna(missing["sha256"])
 
-    again = score_to_parts(model, META, src, files, out, model_version="7", options=FAST)
+    again = score_to_parts(model, META, src, files, out, model_version="7", config=FAST)
     assert (again.skipped, again.scored, again.errors, again.parts) == (8, 0, 0, [])
 
-    other_version = score_to_parts(model, META, src, files[:2], out, model_version="8", options=FAST)
+    other_version = score_to_parts(model, META, src, files[:2], out, model_version="8", config=FAST)
     assert other_version.skipped == 0 and other_version.processed == 2
 
     (src / "a_red.png").write_bytes(_png_bytes((10, 200, 10)))  # new content under an old name
-    changed = score_to_parts(model, META, src, files, out, model_version="7", options=FAST)
+    changed = score_to_parts(model, META, src, files, out, model_version="7", config=FAST)
     assert (changed.processed, changed.skipped) == (1, 7)
     rows = read_predictions(out, "7")
     assert rows["path"].duplicated().sum() == 1
@@ -305,17 +308,17 @@ def test_rerun_skips_done_files_and_rescoring_changed_content_supersedes(model, 
 def test_single_file_is_staged_then_written_sorted_and_resumable(model, folder, scored, tmp_path):
     layout = output_layout(tmp_path / "pred.parquet")
     files = list_input_files(folder)
-    score_to_parts(model, META, folder, files[:3], layout.parts_dir, model_version="7", options=FAST, sources=layout.sources())
+    score_to_parts(model, META, folder, files[:3], layout.parts_dir, model_version="7", config=FAST, sources=layout.sources())
     assert not layout.target.exists() and layout.parts_dir.is_dir()
     with pytest.raises(RuntimeError, match="no row"):  # never a silently short file
         finalize_single_file(layout, "7", files, class_names=CLASSES, config={})
-    resumed = score_to_parts(model, META, folder, files, layout.parts_dir, model_version="7", options=FAST, sources=layout.sources())
+    resumed = score_to_parts(model, META, folder, files, layout.parts_dir, model_version="7", config=FAST, sources=layout.sources())
     assert resumed.skipped == 3
     df = finalize_single_file(layout, "7", files, class_names=CLASSES, config={"k": 1})
     assert layout.target.is_file() and not layout.parts_dir.exists()
     assert df["path"].tolist() == files == pd.read_parquet(layout.target)["path"].tolist()
     assert json.loads(read_metadata(layout.target)[META_CLASS_NAMES]) == CLASSES
-    again = score_to_parts(model, META, folder, files, layout.parts_dir, model_version="7", options=FAST, sources=layout.sources())
+    again = score_to_parts(model, META, folder, files, layout.parts_dir, model_version="7", config=FAST, sources=layout.sources())
     assert again.skipped == len(files)  # the finished file counts as done
     finalize_single_file(layout, "7", files, class_names=CLASSES, config={})
     _assert_same_rows(pd.read_parquet(layout.target), scored.assign(model_version="7", model_uri=""))
@@ -323,8 +326,8 @@ def test_single_file_is_staged_then_written_sorted_and_resumable(model, folder, 
 
 def test_thread_and_process_loaders_give_the_same_rows(model, folder, scored):
     for loader in ("threads", "processes"):
-        df = score_folder(model, META, folder, batch_size=2, num_workers=2, loader=loader, device="cpu",
-                          model_uri="models:/m@champion", model_version="7")
+        df = score_folder(model, META, folder, model_uri="models:/m@champion", model_version="7",
+                          config=cfg(batch_size=2, num_workers=2, loader=loader))
         _assert_same_rows(df, scored)
 
 
@@ -341,7 +344,9 @@ import sys, time, torch
 from torch import nn
 sys.path.insert(0, sys.argv[3])
 from cvlib.models.factory import create_model
-from cvlib.inference.predict import ScoringOptions, list_input_files, score_to_parts
+from cvlib.inference.inputs import list_input_files
+from cvlib.inference.options import ScoreConfig
+from cvlib.inference.predict import score_to_parts
 
 class Slow(nn.Module):
     def __init__(self, inner):
@@ -357,7 +362,7 @@ meta = {"class_names": [str(i) for i in range(10)],
         "preprocessing": {"image_size": 16, "resize_size": 16, "mean": [0.5] * 3, "std": [0.5] * 3}}
 root = sys.argv[1]
 score_to_parts(Slow(inner), meta, root, list_input_files(root), sys.argv[2], model_version="v1",
-               options=ScoringOptions(batch_size=2, part_size=2, num_workers=0, device="cpu", precision="fp32"))
+               config=ScoreConfig(batch_size=2, part_size=2, num_workers=0, device="cpu", precision="fp32"))
 """
 
 
@@ -394,12 +399,12 @@ def test_killed_run_resumes_to_the_rows_of_one_clean_run(tmp_path, digits_dir):
     assert 0 < written < 15, "killed midway: some rows, not all"
 
     model, meta = _digits_model()
-    options = ScoringOptions(batch_size=4, part_size=5, num_workers=0, device="cpu", precision="fp32")
+    config = cfg(batch_size=4, part_size=5)
     files = list_input_files(src)
-    resumed = score_to_parts(model, meta, src, files, out, model_version="v1", options=options)
+    resumed = score_to_parts(model, meta, src, files, out, model_version="v1", config=config)
     assert resumed.skipped == written and resumed.processed == len(files) - written
     clean_out = tmp_path / "clean"
-    score_to_parts(model, meta, src, files, clean_out, model_version="v1", options=options)
+    score_to_parts(model, meta, src, files, clean_out, model_version="v1", config=config)
     after, clean = read_predictions(out), read_predictions(clean_out)
     assert len(after) == len(files) and not after["path"].duplicated().any()
     _assert_same_rows(after, clean)
@@ -426,7 +431,7 @@ def _jpeg(tmp_path: Path, name: str, size=(400, 300), orientation: int | None = 
 def test_jpeg_size_is_the_stored_upright_size_not_the_draft(model, tmp_path):
     _jpeg(tmp_path, "plain.jpg")
     _jpeg(tmp_path, "rotated.jpg", orientation=6)
-    df = score_folder(model, META, tmp_path, num_workers=0, device="cpu").set_index("path")
+    df = score_folder(model, META, tmp_path, config=cfg()).set_index("path")
     assert (df.loc["plain.jpg", "width"], df.loc["plain.jpg", "height"]) == (400, 300)  # drafted to 1/8 for 18 px
     assert (df.loc["rotated.jpg", "width"], df.loc["rotated.jpg", "height"]) == (300, 400)
 
@@ -456,8 +461,8 @@ def test_device_jpeg_path_keeps_one_row_per_file(model, tmp_path):
     (tmp_path / "d_cut.jpg").write_bytes(full[: len(full) // 2])
     (tmp_path / "e.png").write_bytes(_png_bytes((1, 2, 3)))
     (tmp_path / "f.jpg").write_text("not a jpeg")
-    on = score_folder(model, META, tmp_path, num_workers=0, device="cpu", gpu_decode="on").set_index("path")
-    off = score_folder(model, META, tmp_path, num_workers=0, device="cpu", gpu_decode="off").set_index("path")
+    on = score_folder(model, META, tmp_path, config=cfg(gpu_decode="on")).set_index("path")
+    off = score_folder(model, META, tmp_path, config=cfg(gpu_decode="off")).set_index("path")
     assert on.index.tolist() == off.index.tolist() == ["a.jpg", "b_rot.jpg", "c_cmyk.jpg", "d_cut.jpg", "e.png", "f.jpg"]
     assert on["status"].tolist() == off["status"].tolist() == ["ok", "ok", "ok", "truncated", "ok", "not_an_image"]
     assert on[["width", "height"]].equals(off[["width", "height"]])
@@ -474,8 +479,8 @@ def test_nvjpeg_decoding_agrees_with_pillow_on_cuda(tmp_path):
     for i in range(24):
         _jpeg(tmp_path, f"img_{i:02d}.jpg", size=(320 + 8 * i, 240), orientation=6 if i % 5 == 0 else None)
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 cut")
-    gpu = score_folder(m, meta, tmp_path, num_workers=2, device="cuda", precision="fp32", gpu_decode="on")
-    cpu = score_folder(m, meta, tmp_path, num_workers=2, device="cuda", precision="fp32", gpu_decode="off")
+    gpu = score_folder(m, meta, tmp_path, config=cfg(num_workers=2, device="cuda", gpu_decode="on"))
+    cpu = score_folder(m, meta, tmp_path, config=cfg(num_workers=2, device="cuda", gpu_decode="off"))
     assert gpu["path"].tolist() == cpu["path"].tolist() and gpu["status"].tolist() == cpu["status"].tolist()
     assert gpu[["width", "height"]].equals(cpu[["width", "height"]])
     ok = gpu["status"] == "ok"
@@ -521,8 +526,8 @@ def test_bf16_top1_agrees_with_fp32_on_a_trained_model(tmp_path):
             loss.backward()
             opt.step()
         m.eval()
-        fp32 = score_folder(m, meta, data, num_workers=0, device="cpu", precision="fp32")
-        bf16 = score_folder(m, meta, data, num_workers=0, device="cpu", precision="bf16")
+        fp32 = score_folder(m, meta, data, config=cfg())
+        bf16 = score_folder(m, meta, data, config=cfg(precision="bf16"))
     finally:
         torch.set_num_threads(threads)
     accuracy = (fp32["top1_label"] == pd.Series([f.split("/")[0] for f in files])).mean()
@@ -534,7 +539,7 @@ def test_bf16_top1_agrees_with_fp32_on_a_trained_model(tmp_path):
     assert np.abs(fp32["top1_prob"] - bf16["top1_prob"]).max() < 0.02
 
 
-def test_compiled_runner_pads_short_batches_and_falls_back_to_eager(monkeypatch):
+def test_compiled_forward_pads_short_batches_and_falls_back_to_eager(monkeypatch):
     seen = []
 
     def fake_compile(module, dynamic=False):
@@ -549,15 +554,15 @@ def test_compiled_runner_pads_short_batches_and_falls_back_to_eager(monkeypatch)
     monkeypatch.setattr(torch, "compile", fake_compile)
     torch.manual_seed(0)
     m = create_model("simple_cnn", 3, weights="none", hidden_dim=8, dropout=0.0).eval()
-    runner = ModelRunner(m, torch.device("cpu"), None, compile=True, batch_size=4)
+    forward = InferenceForward(m, torch.device("cpu"), None, compile=True, batch_size=4)
     x = torch.randn(3, 3, 16, 16)
     with torch.inference_mode():
-        first = runner(x)  # padded to 4 for the compiled graph, cut back to 3
-        second = runner(x)  # compiled call fails: eager from now on
+        first = forward(x)  # padded to 4 for the compiled graph, cut back to 3
+        second = forward(x)  # compiled call fails: eager from now on
         eager = m(x)
     assert seen == [4, 4] and first.shape == second.shape == (3, 3)
     assert torch.allclose(first, eager, atol=1e-5) and torch.allclose(second, eager, atol=1e-5)
-    assert runner.fn is runner.eager
+    assert forward.fn is forward.eager
 
 
 # --------------------------------------------------------------------------- torchvision zoo
