@@ -226,7 +226,7 @@ def cmd_score(args: argparse.Namespace) -> int:
 
     result = score(
         input_dir=input_spec, model_uri=model_uri, out=str(Path(args.out).expanduser().absolute()), config=cfg, weights=weights,
-        workers=args.dask_workers or 1, dask_address=args.dask_address, shards=args.shards,
+        dask_workers=args.dask_workers or 1, dask_address=args.dask_address, shards=args.shards,
         root=str(Path(args.root).expanduser().resolve()) if args.root else None,
     )
     _print_paths(

@@ -4,8 +4,8 @@ predictions Parquet, one row per file.
 The ``score`` flow plans the job (inputs, model version, shards), runs the ``score-shards``
 subflow on a task runner chosen from its parameters, then writes or compacts the output:
 
-* ``workers <= 1`` and no ``dask_address``: in this process (Prefect's thread pool, one shard).
-* ``workers >= 2``: a temporary local Dask cluster of that many worker processes (one thread
+* ``dask_workers <= 1`` and no ``dask_address``: in this process (Prefect's thread pool, one shard).
+* ``dask_workers >= 2``: a temporary local Dask cluster of that many worker processes (one thread
   each, bound to 127.0.0.1 only, no dashboard), via prefect-dask's ``DaskTaskRunner``.
 * ``dask_address="tcp://HOST:PORT"``: an existing Dask cluster; its workers must see the input
   files, the output folder and the model (the visionflow home, or the MLflow server to fetch the
@@ -30,7 +30,7 @@ import os
 import time
 from pathlib import Path
 
-from prefect import flow
+from prefect import flow, get_run_logger
 from prefect.futures import wait
 from prefect.utilities.annotations import unmapped
 
@@ -58,22 +58,22 @@ def local_cluster(**kwargs):
         return LocalCluster(**options)
 
 
-def task_runner(workers: int = 1, dask_address: str | None = None):
+def task_runner(dask_workers: int = 1, dask_address: str | None = None):
     """The task runner for the shards: see the module docstring."""
     if dask_address:
         from prefect_dask import DaskTaskRunner
 
         return DaskTaskRunner(address=dask_address)
-    if workers >= 2:
+    if dask_workers >= 2:
         from prefect_dask import DaskTaskRunner
 
-        return DaskTaskRunner(cluster_class=local_cluster, cluster_kwargs={"n_workers": workers})
+        return DaskTaskRunner(cluster_class=local_cluster, cluster_kwargs={"n_workers": dask_workers})
     from prefect.task_runners import ThreadPoolTaskRunner
 
     return ThreadPoolTaskRunner(max_workers=1)
 
 
-def default_shards(workers: int, dask_address: str | None) -> int:
+def default_shards(dask_workers: int, dask_address: str | None) -> int:
     """One shard per worker process (each loads the model once); for an existing cluster, one per
     worker thread it has now."""
     if dask_address:
@@ -81,7 +81,7 @@ def default_shards(workers: int, dask_address: str | None) -> int:
 
         with Client(dask_address, timeout=30) as client:
             return max(1, sum(client.nthreads().values()))
-    return max(1, workers)
+    return max(1, dask_workers)
 
 
 def _progress_bar(total: int, initial: int):
@@ -125,10 +125,11 @@ def score(
     out: str = "predictions.parquet",
     config: ScoreConfig = ScoreConfig(),
     weights: str = "DEFAULT",
-    workers: int = 1,
+    dask_workers: int = 1,
     dask_address: str | None = None,
     shards: int | None = None,
     root: str | None = None,
+    workers: int | None = None,
 ) -> BatchScoreResult:
     """Top-5 predictions for every input file, one row per file.
 
@@ -138,10 +139,18 @@ def score(
     ``torchvision/ARCH`` with ``weights`` (DEFAULT, a weights name, a file, or none).
     ``out``: ``*.parquet`` -> one file written at the end; otherwise a dataset folder of part files.
     ``config``: how to score (batching, device, precision, decoding, compile, part sizes).
+    ``dask_workers``: Dask worker processes of a local cluster (1: in this process), or
+    ``dask_address``, an existing cluster. ``workers``: the old name of ``dask_workers``, for one
+    release.
     """
-    job = plan_scoring(input_dir, model_uri, str(out), weights=weights, shards=shards or default_shards(workers, dask_address), root=root)
+    if workers is not None:
+        get_run_logger().warning("the score parameter 'workers' is deprecated; use 'dask_workers' (removed in the next release)")
+        dask_workers = workers
+    job = plan_scoring(
+        input_dir, model_uri, str(out), weights=weights, shards=shards or default_shards(dask_workers, dask_address), root=root
+    )
     t0 = time.perf_counter()
-    runner = task_runner(workers, dask_address)
+    runner = task_runner(dask_workers, dask_address)
     results = score_shards.with_options(task_runner=runner, flow_run_name=f"score-shards-{Path(str(input_dir)).name or 'run'}")(
         job, config
     )

@@ -87,7 +87,7 @@ def test_two_dask_workers_give_the_rows_of_one_process(on_prefect, inputs, check
     one = tmp_path / "one.parquet"
     score(input_dir=str(inputs), model_uri=str(checkpoint), out=str(one), config=cfg)
 
-    runner = task_runner(workers=2)
+    runner = task_runner(dask_workers=2)
     assert isinstance(runner, DaskTaskRunner) and runner.cluster_kwargs == {"n_workers": 2}
     with local_cluster(n_workers=2) as cluster:
         addresses = [cluster.scheduler_address, *cluster.scheduler_info["workers"]]
