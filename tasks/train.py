@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict
 from pathlib import Path
 
+import pandas as pd
 from prefect import task
 from prefect.artifacts import create_table_artifact
 
@@ -20,14 +21,15 @@ from tasks.registry import log_artifact, log_artifacts, log_metrics, set_run_tag
 def fine_tune(ingest: IngestResult, config: RetrainConfig, checkpoint_dir: str, run_id: str) -> TrainResult:
     """Train with per-epoch metrics in MLflow. Resumes from ``checkpoint_dir/last.pt`` when a
     previous attempt died, since Prefect does not retry crashed runs by itself."""
-    from cvlib.training.fit import EpochRecord, fit
+    from cvlib.training.fit import fit
+    from cvlib.training.records import EpochRecord
 
     logger = run_logger()
-    _log_augmentation_preview(ingest, config, checkpoint_dir, run_id)
+    manifest = read_manifest(ingest.manifest_path)
+    _log_augmentation_preview(ingest.data_dir, manifest, config, checkpoint_dir, run_id)
 
     def on_epoch(record: EpochRecord) -> None:
-        metrics = {k: v for k, v in asdict(record).items() if k != "epoch"}
-        log_metrics(run_id, metrics, step=record.epoch)
+        log_metrics(run_id, {k: v for k, v in asdict(record).items() if k != "epoch"}, step=record.epoch)
         logger.info(
             "epoch %d: train_loss %.4f val_loss %.4f val_top1 %.4f (%.1fs)",
             record.epoch, record.train_loss, record.val_loss, record.val_top1, record.seconds,
@@ -36,12 +38,14 @@ def fine_tune(ingest: IngestResult, config: RetrainConfig, checkpoint_dir: str, 
     with system_metrics(run_id, config.log_system_metrics):
         result = fit(
             data_root=ingest.data_dir,
-            manifest=read_manifest(ingest.manifest_path),
+            manifest=manifest,
             class_names=ingest.class_names,
-            config=config,
+            train=config.train,
+            augment=config.augment,
             out_dir=checkpoint_dir,
             resume=True,
-            extra_meta={"dataset_hash": ingest.dataset_hash},
+            # The package records the whole run's configuration, not only what training reads.
+            extra_meta={"dataset_hash": ingest.dataset_hash, "config": config.model_dump(mode="json")},
             on_epoch=on_epoch,
         )
     if result.stopped_early:
@@ -58,18 +62,17 @@ def fine_tune(ingest: IngestResult, config: RetrainConfig, checkpoint_dir: str, 
     )
 
 
-def _log_augmentation_preview(ingest: IngestResult, config: RetrainConfig, out_dir: str, run_id: str) -> None:
+def _log_augmentation_preview(data_dir: str, manifest: pd.DataFrame, config: RetrainConfig, out_dir: str, run_id: str) -> None:
     """One training image and what the augmentation makes of it: the first thing to check when
     a run learns nothing."""
     from cvlib.data.imageio import load_rgb
     from cvlib.data.preview import augmentation_preview
     from cvlib.data.transforms import train_preset
 
-    manifest = read_manifest(ingest.manifest_path)
     train = manifest[(manifest["status"] == "ok") & (manifest["split"] == "train")]
     if train.empty:
         return
-    image = load_rgb(Path(ingest.data_dir) / train["path"].iloc[0])
+    image = load_rgb(Path(data_dir) / train["path"].iloc[0])
     path = Path(out_dir) / "augmentation_preview.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(augmentation_preview(image, train_preset(config.augment), n=8, seed=config.train.seed))
