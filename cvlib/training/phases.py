@@ -40,16 +40,6 @@ def resolved_backbone_lr_ratio(tc: TrainConfig) -> float:
     return 0.1 if uses_pretrained_weights(tc) else 1.0
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """No weight decay on biases and normalisation weights (1-D tensors): decaying them
-    only fights the normalisation."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
 def phase_param_groups(model: nn.Module, weight_decay: float, *, lr: float, backbone_lr: float) -> list[dict[str, Any]]:
     """Head and backbone, each split decay / no decay (1-D tensors: biases and normalisation
     weights, which decay would only fight the normalisation), in that order; empty groups are

@@ -22,13 +22,6 @@ def warmup_cosine_factor(step: int, *, warmup_steps: int, total_steps: int, min_
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def warmup_cosine(optimizer: Optimizer, *, warmup_steps: int, total_steps: int, min_ratio: float) -> LambdaLR:
-    def factor(step: int) -> float:
-        return warmup_cosine_factor(step, warmup_steps=warmup_steps, total_steps=total_steps, min_ratio=min_ratio)
-
-    return LambdaLR(optimizer, factor)
-
-
 def phase_scheduler(optimizer: Optimizer, tc: TrainConfig, steps_per_epoch: int, head_epochs: int) -> LambdaLR:
     """Warm-up + cosine per iteration for every group. Backbone groups (named ``backbone...``)
     stay at 0 through the head phase, then warm up again over ``warmup_epochs`` from where the

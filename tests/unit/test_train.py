@@ -25,7 +25,6 @@ from cvlib.data.options import AugmentConfig, DataConfig
 from cvlib.training.checkpoint import load_checkpoint
 from cvlib.training.fit import BEST, LAST, fit
 from cvlib.training.options import TrainConfig
-from cvlib.training.phases import param_groups
 from cvlib.training.records import EpochRecord
 from cvlib.training.step import TrainingDivergedError
 from tests.threads import one_torch_thread
@@ -308,24 +307,6 @@ def test_empty_training_split_is_an_error(dataset, tmp_path):
     cfg = config()
     with pytest.raises(ValueError, match="training split is empty"):
         fit(data_root=root, manifest=only_val, class_names=names, train=cfg.train, augment=cfg.augment, out_dir=tmp_path)
-
-
-# --------------------------------------------------------------------------- param groups
-
-
-def test_param_groups_exempt_one_dimensional_params_from_decay():
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4, 2))
-    model[0].bias.requires_grad_(False)  # frozen params are left out entirely
-    decay, no_decay = param_groups(model, 0.05)
-    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
-
-    def ids(params):
-        return {id(p) for p in params}
-
-    assert ids(decay["params"]) == {id(model[0].weight), id(model[3].weight)}
-    assert ids(no_decay["params"]) == {id(model[1].weight), id(model[1].bias), id(model[3].bias)}
-    assert all(p.ndim > 1 for p in decay["params"]) and all(p.ndim <= 1 for p in no_decay["params"])
-    torch.optim.AdamW([decay, no_decay], lr=1e-3)  # the shape AdamW accepts
 
 
 # --------------------------------------------------------------------------- a real kill
