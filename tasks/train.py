@@ -83,42 +83,19 @@ def _log_augmentation_preview(data_dir: str, manifest: pd.DataFrame, config: Ret
 def validate(ingest: IngestResult, checkpoint: str, run_id: str, history: list[dict], out_dir: str, batch_size: int = 64, num_workers: int = 2) -> Validation:
     """Evaluate the best checkpoint on the validation split (and the test split when there is
     one): the numbers the gate compares, with the figures a reviewer looks at."""
-    import json
-
     from cvlib.training.checkpoint import model_from_checkpoint
-    from cvlib.training.evaluate import evaluate_split
-    from cvlib.training.metrics import classification_metrics
-    from cvlib.training.plots import (
-        confusion_matrix_png,
-        per_class_f1_png,
-        reliability_png,
-        training_curves_png,
-    )
+    from cvlib.training.validation import validate_model
 
     model, meta = model_from_checkpoint(checkpoint)
-    manifest = read_manifest(ingest.manifest_path)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    metrics: dict[str, float] = {}
-    for split in ("val", "test"):
-        if not ((manifest["split"] == split) & (manifest["status"] == "ok")).any():
-            continue
-        ev = evaluate_split(model, meta, ingest.data_dir, manifest, split, batch_size=batch_size, num_workers=num_workers)
-        report = classification_metrics(ev.targets, ev.probs, meta["class_names"], prefix=f"{split}_")
-        metrics |= report["metrics"] | {f"{split}_loss": ev.loss}
-        (out / f"{split}_metrics.json").write_text(json.dumps(report, indent=2))
-        if split == "val":
-            (out / "confusion_matrix.png").write_bytes(confusion_matrix_png(report["confusion_matrix"], meta["class_names"]))
-            (out / "per_class_f1.png").write_bytes(per_class_f1_png(report["per_class"]))
-            (out / "reliability.png").write_bytes(reliability_png(report["calibration"]))
-            n = ev.n
-    (out / "training_curves.png").write_bytes(training_curves_png(history))
+    report = validate_model(model, meta, ingest.data_dir, read_manifest(ingest.manifest_path), history, out_dir,
+                            batch_size=batch_size, num_workers=num_workers)
+    metrics = report.metrics
     log_metrics(run_id, {f"best_{k}": v for k, v in metrics.items()})
     create_table_artifact(
         key="validation-metrics",
         table=[{"metric": k, "value": round(v, 4)} for k, v in sorted(metrics.items())],
         description=f"Validation of {Path(checkpoint).name} (MLflow run {run_id})",
     )
-    log_artifacts(run_id, out, "evaluation")
+    log_artifacts(run_id, Path(out_dir), "evaluation")
     run_logger().info("validation of %s: %s", Path(checkpoint).name, {k: round(v, 4) for k, v in metrics.items()})
-    return Validation(metrics=metrics, n=n, figures_dir=str(out))
+    return Validation(metrics=metrics, n=report.n, figures_dir=str(Path(out_dir)))
