@@ -152,8 +152,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"val loss {rec.val_loss:.4f} top-1 {rec.val_top1:.4f}  {rec.seconds:.1f}s", flush=True)
 
         t0 = time.perf_counter()
-        result = fit(data_root=data, manifest=manifest, class_names=names, config=config,
-                     out_dir=Path(tmp) / "run", on_epoch=show)
+        result = fit(data_root=data, manifest=manifest, class_names=names, train=config.train,
+                     augment=config.augment, out_dir=Path(tmp) / "run", on_epoch=show)
         seconds = time.perf_counter() - t0
 
     load_after = os.getloadavg()

@@ -9,7 +9,7 @@ step, on a batch already in memory), side by side in one run.
 It writes ``--images`` JPEGs of 500x375 (smooth colour fields with texture, quality 90) to a
 temporary folder, then runs visionflow's own pieces: ``ManifestDataset`` with the training draft
 size, the default ``TrainPreset`` (random resized crop, flip, rotation, colour jitter),
-``EpochSampler`` + persistent workers, and ``cvlib.training.fit._Step`` (AdamW, warm-up + cosine, label
+``EpochSampler`` + persistent workers, and ``cvlib.training.step.TrainStep`` (AdamW, warm-up + cosine, label
 smoothing, grad clipping, channels_last) on a randomly initialised ResNet-50.
 
 CPU (always): ``--size`` px (128 by default so that a run stays within ~3 minutes on two cores),
@@ -48,8 +48,11 @@ from cvlib.data.options import AugmentConfig
 from cvlib.data.transforms import train_preset
 from cvlib.models.factory import create_model
 from cvlib.models.precision import autocast_dtype, needs_grad_scaler
-from cvlib.training.fit import _scheduler, _Step, phase_param_groups, train_draft_size
+from cvlib.training.loaders import train_draft_size
 from cvlib.training.options import TrainConfig
+from cvlib.training.phases import phase_param_groups
+from cvlib.training.schedule import phase_scheduler
+from cvlib.training.step import TrainStep
 
 CLASSES = 10
 
@@ -85,10 +88,10 @@ class Trainer:
         optimizer = torch.optim.AdamW(phase_param_groups(model, tc.weight_decay, lr=tc.lr, backbone_lr=tc.lr), lr=tc.lr,
                                       fused=device.type == "cuda" or None)  # as fit() builds it
         torch.backends.cudnn.benchmark = device.type == "cuda"
-        scheduler = _scheduler(optimizer, tc.model_copy(update={"warmup_epochs": 0.1}), steps_total, 0)
+        scheduler = phase_scheduler(optimizer, tc.model_copy(update={"warmup_epochs": 0.1}), steps_total, 0)
         scaler = torch.amp.GradScaler(device.type, enabled=needs_grad_scaler(device, self.amp_dtype))
         criterion = torch.nn.CrossEntropyLoss(label_smoothing=tc.label_smoothing)
-        self.step = _Step(model, optimizer, scheduler, scaler, criterion, device, self.amp_dtype, self.memory_format, tc.grad_clip)
+        self.step = TrainStep(model, optimizer, scheduler, scaler, criterion, device, self.amp_dtype, self.memory_format, tc.grad_clip)
         model.train()
 
     def sync(self, value: torch.Tensor) -> None:

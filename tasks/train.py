@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict
 from pathlib import Path
 
+import pandas as pd
 from prefect import task
 from prefect.artifacts import create_table_artifact
 
@@ -20,14 +21,15 @@ from tasks.registry import log_artifact, log_artifacts, log_metrics, set_run_tag
 def fine_tune(ingest: IngestResult, config: RetrainConfig, checkpoint_dir: str, run_id: str) -> TrainResult:
     """Train with per-epoch metrics in MLflow. Resumes from ``checkpoint_dir/last.pt`` when a
     previous attempt died, since Prefect does not retry crashed runs by itself."""
-    from cvlib.training.fit import EpochRecord, fit
+    from cvlib.training.fit import fit
+    from cvlib.training.records import EpochRecord
 
     logger = run_logger()
-    _log_augmentation_preview(ingest, config, checkpoint_dir, run_id)
+    manifest = read_manifest(ingest.manifest_path)
+    _log_augmentation_preview(ingest.data_dir, manifest, config, checkpoint_dir, run_id)
 
     def on_epoch(record: EpochRecord) -> None:
-        metrics = {k: v for k, v in asdict(record).items() if k != "epoch"}
-        log_metrics(run_id, metrics, step=record.epoch)
+        log_metrics(run_id, {k: v for k, v in asdict(record).items() if k != "epoch"}, step=record.epoch)
         logger.info(
             "epoch %d: train_loss %.4f val_loss %.4f val_top1 %.4f (%.1fs)",
             record.epoch, record.train_loss, record.val_loss, record.val_top1, record.seconds,
@@ -36,12 +38,14 @@ def fine_tune(ingest: IngestResult, config: RetrainConfig, checkpoint_dir: str, 
     with system_metrics(run_id, config.log_system_metrics):
         result = fit(
             data_root=ingest.data_dir,
-            manifest=read_manifest(ingest.manifest_path),
+            manifest=manifest,
             class_names=ingest.class_names,
-            config=config,
+            train=config.train,
+            augment=config.augment,
             out_dir=checkpoint_dir,
             resume=True,
-            extra_meta={"dataset_hash": ingest.dataset_hash},
+            # The package records the whole run's configuration, not only what training reads.
+            extra_meta={"dataset_hash": ingest.dataset_hash, "config": config.model_dump(mode="json")},
             on_epoch=on_epoch,
         )
     if result.stopped_early:
@@ -58,18 +62,17 @@ def fine_tune(ingest: IngestResult, config: RetrainConfig, checkpoint_dir: str, 
     )
 
 
-def _log_augmentation_preview(ingest: IngestResult, config: RetrainConfig, out_dir: str, run_id: str) -> None:
+def _log_augmentation_preview(data_dir: str, manifest: pd.DataFrame, config: RetrainConfig, out_dir: str, run_id: str) -> None:
     """One training image and what the augmentation makes of it: the first thing to check when
     a run learns nothing."""
     from cvlib.data.imageio import load_rgb
     from cvlib.data.preview import augmentation_preview
     from cvlib.data.transforms import train_preset
 
-    manifest = read_manifest(ingest.manifest_path)
     train = manifest[(manifest["status"] == "ok") & (manifest["split"] == "train")]
     if train.empty:
         return
-    image = load_rgb(Path(ingest.data_dir) / train["path"].iloc[0])
+    image = load_rgb(Path(data_dir) / train["path"].iloc[0])
     path = Path(out_dir) / "augmentation_preview.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(augmentation_preview(image, train_preset(config.augment), n=8, seed=config.train.seed))
@@ -80,42 +83,19 @@ def _log_augmentation_preview(ingest: IngestResult, config: RetrainConfig, out_d
 def validate(ingest: IngestResult, checkpoint: str, run_id: str, history: list[dict], out_dir: str, batch_size: int = 64, num_workers: int = 2) -> Validation:
     """Evaluate the best checkpoint on the validation split (and the test split when there is
     one): the numbers the gate compares, with the figures a reviewer looks at."""
-    import json
-
     from cvlib.training.checkpoint import model_from_checkpoint
-    from cvlib.training.evaluate import evaluate_split
-    from cvlib.training.metrics import classification_metrics
-    from cvlib.training.plots import (
-        confusion_matrix_png,
-        per_class_f1_png,
-        reliability_png,
-        training_curves_png,
-    )
+    from cvlib.training.validation import validate_model
 
     model, meta = model_from_checkpoint(checkpoint)
-    manifest = read_manifest(ingest.manifest_path)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    metrics: dict[str, float] = {}
-    for split in ("val", "test"):
-        if not ((manifest["split"] == split) & (manifest["status"] == "ok")).any():
-            continue
-        ev = evaluate_split(model, meta, ingest.data_dir, manifest, split, batch_size=batch_size, num_workers=num_workers)
-        report = classification_metrics(ev.targets, ev.probs, meta["class_names"], prefix=f"{split}_")
-        metrics |= report["metrics"] | {f"{split}_loss": ev.loss}
-        (out / f"{split}_metrics.json").write_text(json.dumps(report, indent=2))
-        if split == "val":
-            (out / "confusion_matrix.png").write_bytes(confusion_matrix_png(report["confusion_matrix"], meta["class_names"]))
-            (out / "per_class_f1.png").write_bytes(per_class_f1_png(report["per_class"]))
-            (out / "reliability.png").write_bytes(reliability_png(report["calibration"]))
-            n = ev.n
-    (out / "training_curves.png").write_bytes(training_curves_png(history))
+    report = validate_model(model, meta, ingest.data_dir, read_manifest(ingest.manifest_path), history, out_dir,
+                            batch_size=batch_size, num_workers=num_workers)
+    metrics = report.metrics
     log_metrics(run_id, {f"best_{k}": v for k, v in metrics.items()})
     create_table_artifact(
         key="validation-metrics",
         table=[{"metric": k, "value": round(v, 4)} for k, v in sorted(metrics.items())],
         description=f"Validation of {Path(checkpoint).name} (MLflow run {run_id})",
     )
-    log_artifacts(run_id, out, "evaluation")
+    log_artifacts(run_id, Path(out_dir), "evaluation")
     run_logger().info("validation of %s: %s", Path(checkpoint).name, {k: round(v, 4) for k, v in metrics.items()})
-    return Validation(metrics=metrics, n=n, figures_dir=str(out))
+    return Validation(metrics=metrics, n=report.n, figures_dir=str(Path(out_dir)))

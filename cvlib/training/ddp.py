@@ -77,10 +77,11 @@ def main(argv: list[str] | None = None) -> int:
             data_root=args.data_dir,
             manifest=manifest,
             class_names=class_names(manifest),
-            config=config,
+            train=config.train,
+            augment=config.augment,
             out_dir=out,
             resume=True,
-            extra_meta={"dataset_hash": dataset_hash(manifest)},
+            extra_meta={"dataset_hash": dataset_hash(manifest), "config": config.model_dump(mode="json")},
             on_epoch=lambda r: print(
                 f"epoch {r.epoch}: train_loss {r.train_loss:.4f} val_loss {r.val_loss:.4f} "
                 f"val_top1 {r.val_top1:.4f} ({r.seconds:.1f}s)", flush=True,

@@ -129,3 +129,12 @@ def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
         return
     for b in module.buffers():
         dist.broadcast(b.data, src)
+
+
+def wrap_ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """A DDP wrapper over the parameters that train now (DDP fixes its set when it is built, so
+    a new training phase needs a new wrapper). Buffers are synchronised at each forward."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids, output_device=ids[0] if ids else None)

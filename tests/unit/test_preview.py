@@ -14,8 +14,8 @@ from PIL import Image
 from cvlib.data.options import AugmentConfig
 from cvlib.data.preview import augmentation_preview
 from cvlib.data.transforms import train_preset
-from cvlib.training.fit import EpochRecord
 from cvlib.training.plots import training_curves_png
+from cvlib.training.records import EpochRecord
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -1,6 +1,6 @@
 """cvlib.training.schedule: linear warm-up then cosine decay to a floor, stepped once per optimizer step.
 
-The factor is checked as a pure function, then through a real AdamW + LambdaLR, because that is
+The factor is checked as a pure function, then through a real AdamW and fit()'s LambdaLR, because that is
 where off-by-one errors between "scheduler step" and "optimizer step" show up.
 """
 
@@ -12,9 +12,19 @@ from itertools import pairwise
 import pytest
 import torch
 
-from cvlib.training.schedule import warmup_cosine, warmup_cosine_factor
+from cvlib.training.options import TrainConfig
+from cvlib.training.schedule import phase_scheduler, warmup_cosine_factor
 
 W, TOTAL, FLOOR = 4, 20, 0.1
+
+
+def warmup_cosine(
+    opt: torch.optim.Optimizer, *, warmup_steps: int, total_steps: int, min_ratio: float
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """fit()'s scheduler for a one-phase run (no head-only epochs), one step per epoch, so that
+    epochs count optimizer steps."""
+    tc = TrainConfig(epochs=total_steps, warmup_epochs=warmup_steps, min_lr_ratio=min_ratio)
+    return phase_scheduler(opt, tc, steps_per_epoch=1, head_epochs=0)
 
 
 def factor(step: int, warmup: int = W, total: int = TOTAL, floor: float = FLOOR) -> float:

@@ -24,15 +24,10 @@ from cvlib.data.ingest import build_manifest
 from cvlib.data.manifest import class_names
 from cvlib.data.options import AugmentConfig, DataConfig
 from cvlib.training.checkpoint import load_checkpoint
-from cvlib.training.fit import (
-    BEST,
-    LAST,
-    EpochRecord,
-    TrainingDivergedError,
-    fit,
-    param_groups,
-)
+from cvlib.training.fit import BEST, LAST, fit
 from cvlib.training.options import TrainConfig
+from cvlib.training.records import EpochRecord
+from cvlib.training.step import TrainingDivergedError
 from tests.threads import one_torch_thread
 
 CLASSES = ("red_stripes", "green_checks", "blue_dots")
@@ -109,7 +104,8 @@ def _run(dataset, out: Path, cfg: RetrainConfig, **kwargs) -> Run:
     root, manifest, names = dataset
     seen: list[EpochRecord] = []
     on_epoch = kwargs.pop("on_epoch", seen.append)
-    result = fit(data_root=root, manifest=manifest, class_names=names, config=cfg, out_dir=out, on_epoch=on_epoch, **kwargs)
+    result = fit(data_root=root, manifest=manifest, class_names=names, train=cfg.train, augment=cfg.augment, out_dir=out,
+                 on_epoch=on_epoch, **kwargs)
     return Run(out, result, seen)
 
 
@@ -309,26 +305,9 @@ def test_nan_loss_in_first_epoch_writes_no_checkpoint(dataset, tmp_path, monkeyp
 def test_empty_training_split_is_an_error(dataset, tmp_path):
     root, manifest, names = dataset
     only_val = manifest.assign(split="val")
+    cfg = config()
     with pytest.raises(ValueError, match="training split is empty"):
-        fit(data_root=root, manifest=only_val, class_names=names, config=config(), out_dir=tmp_path)
-
-
-# --------------------------------------------------------------------------- param groups
-
-
-def test_param_groups_exempt_one_dimensional_params_from_decay():
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4, 2))
-    model[0].bias.requires_grad_(False)  # frozen params are left out entirely
-    decay, no_decay = param_groups(model, 0.05)
-    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
-
-    def ids(params):
-        return {id(p) for p in params}
-
-    assert ids(decay["params"]) == {id(model[0].weight), id(model[3].weight)}
-    assert ids(no_decay["params"]) == {id(model[1].weight), id(model[1].bias), id(model[3].bias)}
-    assert all(p.ndim > 1 for p in decay["params"]) and all(p.ndim <= 1 for p in no_decay["params"])
-    torch.optim.AdamW([decay, no_decay], lr=1e-3)  # the shape AdamW accepts
+        fit(data_root=root, manifest=only_val, class_names=names, train=cfg.train, augment=cfg.augment, out_dir=tmp_path)
 
 
 # --------------------------------------------------------------------------- a real kill
@@ -349,8 +328,9 @@ def wait_for_the_kill(record):
     Path(ready).write_text(str(record.epoch))
     time.sleep(600)  # SIGKILLed here: no exception, no cleanup, workers die with the group
 
+cfg = RetrainConfig.model_validate_json(Path(config_path).read_text())
 fit(data_root=root, manifest=manifest, class_names=class_names(manifest),
-    config=RetrainConfig.model_validate_json(Path(config_path).read_text()), out_dir=out, on_epoch=wait_for_the_kill)
+    train=cfg.train, augment=cfg.augment, out_dir=out, on_epoch=wait_for_the_kill)
 """
 
 

@@ -29,17 +29,10 @@ from cvlib.data.options import IMAGENET_MEAN, IMAGENET_STD, AugmentConfig, DataC
 from cvlib.data.transforms import TrainPreset, train_preset
 from cvlib.models.factory import create_model, head_parameters
 from cvlib.training.checkpoint import load_checkpoint
-from cvlib.training.fit import (
-    BEST,
-    LAST,
-    batch_mixer,
-    fit,
-    phase_param_groups,
-    resolved_backbone_lr_ratio,
-    resolved_head_epochs,
-    train_draft_size,
-)
+from cvlib.training.fit import BEST, LAST, fit
+from cvlib.training.loaders import batch_mixer, train_draft_size
 from cvlib.training.options import TrainConfig
+from cvlib.training.phases import phase_param_groups, resolved_backbone_lr_ratio, resolved_head_epochs
 from tests.unit.test_train import _image, build_dataset
 
 
@@ -61,7 +54,8 @@ def config(epochs: int = 2, augment: dict | None = None, **train) -> RetrainConf
 
 def _fit(dataset, out: Path, cfg: RetrainConfig, **kwargs):
     root, manifest, names = dataset
-    return fit(data_root=root, manifest=manifest, class_names=names, config=cfg, out_dir=out, **kwargs)
+    return fit(data_root=root, manifest=manifest, class_names=names, train=cfg.train, augment=cfg.augment, out_dir=out,
+               **kwargs)
 
 
 def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
@@ -314,7 +308,7 @@ def test_cuda_run_with_workers_pinned_memory_and_amp(dataset, tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_nan_is_caught_within_the_check_interval(dataset, tmp_path, monkeypatch):
-    from cvlib.training.fit import TrainingDivergedError
+    from cvlib.training.step import TrainingDivergedError
 
     monkeypatch.setattr(nn.CrossEntropyLoss, "forward", lambda self, logits, targets: logits.sum() * float("nan"))
     with pytest.raises(TrainingDivergedError, match="epoch 1"):
