@@ -63,20 +63,11 @@ def fine_tune(ingest: IngestResult, config: RetrainConfig, checkpoint_dir: str, 
 
 
 def _log_augmentation_preview(data_dir: str, manifest: pd.DataFrame, config: RetrainConfig, out_dir: str, run_id: str) -> None:
-    """One training image and what the augmentation makes of it: the first thing to check when
-    a run learns nothing."""
-    from cvlib.data.imageio import load_rgb
-    from cvlib.data.preview import augmentation_preview
-    from cvlib.data.transforms import train_preset
+    from cvlib.data.preview import write_training_preview
 
-    train = manifest[(manifest["status"] == "ok") & (manifest["split"] == "train")]
-    if train.empty:
-        return
-    image = load_rgb(Path(data_dir) / train["path"].iloc[0])
-    path = Path(out_dir) / "augmentation_preview.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(augmentation_preview(image, train_preset(config.augment), n=8, seed=config.train.seed))
-    log_artifact(run_id, path, "evaluation")
+    path = write_training_preview(data_dir, manifest, config.augment, Path(out_dir) / "augmentation_preview.png", seed=config.train.seed)
+    if path is not None:
+        log_artifact(run_id, path, "evaluation")
 
 
 @task(name="validate", retries=1, retry_delay_seconds=10, timeout_seconds=6 * 3600, persist_result=True)

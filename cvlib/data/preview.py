@@ -17,13 +17,19 @@ from __future__ import annotations
 
 import io
 import math
+import os
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 
-__all__ = ["augmentation_preview"]
+from cvlib.data.options import AugmentConfig
+from cvlib.files.atomic import write_bytes_atomic
+
+__all__ = ["augmentation_preview", "write_training_preview"]
 
 
 def _normalize_params(preset: Any) -> tuple[Sequence[float], Sequence[float]] | None:
@@ -104,3 +110,21 @@ def augmentation_preview(image, train_preset: Callable, n: int = 8, seed: int = 
     fig.suptitle("training augmentations", fontsize=10)
     fig.tight_layout()
     return _png(fig)
+
+
+def write_training_preview(
+    data_dir: str | os.PathLike[str], manifest: pd.DataFrame, augment: AugmentConfig, out: str | os.PathLike[str], *, seed: int = 0
+) -> Path | None:
+    """The first training image of ``manifest`` and 8 augmented copies, as a PNG at ``out``: the
+    first thing to check when a run learns nothing. None when there is no training image."""
+    from cvlib.data.imageio import load_rgb
+    from cvlib.data.transforms import train_preset
+
+    train = manifest[(manifest["status"] == "ok") & (manifest["split"] == "train")]
+    if train.empty:
+        return None
+    image = load_rgb(Path(data_dir) / train["path"].iloc[0])
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(path, augmentation_preview(image, train_preset(augment), n=8, seed=seed))
+    return path

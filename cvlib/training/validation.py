@@ -37,9 +37,13 @@ def validate_model(
 ) -> ValidationReport:
     """Evaluate ``model`` on the validation split and the test split when there is one; write
     each split's metrics as JSON, the validation figures and the training curves to ``out_dir``."""
+    if not ((manifest["split"] == "val") & (manifest["status"] == "ok")).any():
+        # The champion gate compares validation metrics: without them there is nothing to register on.
+        raise ValueError(f"no validation images in the manifest of {data_dir}: set data.val_fraction above 0")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     metrics: dict[str, float] = {}
+    n = 0
     for split in ("val", "test"):
         if not ((manifest["split"] == split) & (manifest["status"] == "ok")).any():
             continue

@@ -106,3 +106,19 @@ def test_curves_accept_epoch_records_one_epoch_and_nan_validation():
 def test_curves_reject_an_empty_history():
     with pytest.raises(ValueError, match="empty"):
         training_curves_png([])
+
+
+def test_training_preview_shows_the_first_training_image(photo, tmp_path):
+    import pandas as pd
+
+    from cvlib.data.preview import write_training_preview
+
+    (tmp_path / "a").mkdir()
+    photo.save(tmp_path / "a" / "x.png")
+    manifest = pd.DataFrame({"path": ["a/gone.png", "a/x.png"], "status": ["quarantined", "ok"], "split": ["train", "train"]})
+    out = write_training_preview(tmp_path, manifest, AugmentConfig(image_size=32), tmp_path / "out" / "p.png", seed=1)
+    assert out == tmp_path / "out" / "p.png"
+    with Image.open(out) as im:
+        assert im.format == "PNG" and im.width > 32
+    assert write_training_preview(tmp_path, manifest.assign(split="val"), AugmentConfig(), tmp_path / "none.png") is None
+    assert not (tmp_path / "none.png").exists()

@@ -9,7 +9,7 @@ subprocess with DataLoader workers, is SIGKILLed after epoch 1 and resumed.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -373,3 +373,27 @@ def test_sigkilled_process_resumes_to_the_uninterrupted_weights(dataset, straigh
     assert [h.epoch for h in resumed.epochs_seen] == [2]
     _assert_same_weights(_weights(straight.out / LAST), _weights(out / LAST))
     assert [h.train_loss for h in resumed.result.history] == [h.train_loss for h in straight.result.history]
+
+
+def test_validate_model_writes_metrics_and_figures(straight, dataset, tmp_path):
+    from cvlib.training.checkpoint import model_from_checkpoint
+    from cvlib.training.validation import validate_model
+
+    root, manifest, _ = dataset
+    model, meta = model_from_checkpoint(straight.result.best_checkpoint)
+    history = [asdict(r) for r in straight.epochs_seen]
+    report = validate_model(model, meta, root, manifest, history, tmp_path, batch_size=8, num_workers=0)
+    n_val = int(((manifest["split"] == "val") & (manifest["status"] == "ok")).sum())
+    assert report.n == n_val > 0 and 0.0 <= report.metrics["val_top1"] <= 1.0
+    assert {p.name for p in tmp_path.iterdir()} >= {"val_metrics.json", "confusion_matrix.png", "training_curves.png"}
+
+
+def test_validate_model_without_a_validation_split_says_so(straight, dataset, tmp_path):
+    from cvlib.training.checkpoint import model_from_checkpoint
+    from cvlib.training.validation import validate_model
+
+    root, manifest, _ = dataset
+    model, meta = model_from_checkpoint(straight.result.best_checkpoint)
+    no_val = manifest.assign(split=manifest["split"].replace("val", "train"))
+    with pytest.raises(ValueError, match="val_fraction"):
+        validate_model(model, meta, root, no_val, [], tmp_path)
