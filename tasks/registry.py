@@ -17,7 +17,7 @@ from prefect import task
 
 from cvlib.config import RetrainConfig, flatten
 from cvlib.promotion import Champion, GateConfig, GateDecision, challenger_score, class_change, decide
-from tasks.environment import mlflow_artifact_root, mlflow_tracking_uri, visionflow_home
+from tasks.environment import mlflow_artifact_root, mlflow_tracking_uri, quiet_defaults, visionflow_home
 from tasks.log import run_logger
 from tasks.records import IngestResult, RegisteredVersion, Validation
 
@@ -33,6 +33,9 @@ def client():
     import mlflow
     from mlflow import MlflowClient
 
+    # Flows a Prefect worker runs never pass through the CLI's set-up: no progress bars redrawn
+    # into the worker's log, no telemetry (each only where the user has not decided).
+    quiet_defaults()
     uri = mlflow_tracking_uri()
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
