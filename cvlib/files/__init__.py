@@ -1,0 +1,1 @@
+"""Files written so that a crash never leaves half of one: atomic writes, Parquet."""

@@ -1,0 +1,1 @@
+"""The notebook's toolkit: convolution from scratch and the classic kernels."""
