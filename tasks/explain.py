@@ -1,7 +1,7 @@
 """Explanation stage: Grad-CAM report for a set of images and a model.
 
 Both tasks screen their candidates in one cheap pass (no CAM), choose the images worth a CAM
-(misclassified first, stratified across classes: :func:`cvlib.explain.report.choose_samples`), explain
+(misclassified first, stratified across classes: :func:`cvlib.explain.screening.choose_samples`), explain
 only those, and write one self-contained HTML file; with ``config.feature_maps``, the first few
 explained images also get a "Feature maps" section (layer names checked as soon as the model is
 loaded, before the screening pass). A Prefect link artifact points at the report
@@ -35,7 +35,7 @@ def explain_folder(input_dir: str, model_uri: str, out: str, config: ReportConfi
     """Report on a folder. Labels are read from class sub-folders when their names are classes;
     labelled images are screened first so the report shows the misclassified ones and the
     confusions over every screened image."""
-    from cvlib.explain.report import sampling_note
+    from cvlib.explain.screening import sampling_note
     from cvlib.explain.summary import confusions_from_matrix
     from cvlib.inference.inputs import list_input_files
     from cvlib.training.checkpoint import load_package
@@ -101,7 +101,7 @@ def validation_report(
     chosen images get CAMs, and the validation stage's figures and confusion matrix (over the
     whole split, from ``evaluation_dir/val_metrics.json``) are embedded."""
     from cvlib.data.manifest import read_manifest
-    from cvlib.explain.report import sampling_note
+    from cvlib.explain.screening import sampling_note
     from cvlib.explain.summary import confusions_from_matrix, load_evaluation
     from cvlib.training.checkpoint import model_from_checkpoint
 
@@ -176,7 +176,7 @@ def _feature_map_layers(model, config: ReportConfig) -> list[str] | None:
 
 
 def _screen_and_choose(model, meta, root, files, labels, config: ReportConfig, *, batch_size: int = 64, num_workers: int = 0):
-    from cvlib.explain.report import choose_samples, screen_files
+    from cvlib.explain.screening import choose_samples, screen_files
 
     screening = screen_files(
         model, meta, root, files, labels=labels, batch_size=config.batch_size or batch_size, num_workers=num_workers,

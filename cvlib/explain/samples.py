@@ -3,7 +3,7 @@ predicted class and, when the model is wrong, of the true class, the top-5 proba
 the deletion faithfulness of the map), and the first few optionally get their feature maps
 (:class:`FeatureMapSample`).
 
-Which images are chosen is :mod:`cvlib.explain.report`'s business; how the samples are shown
+Which images are chosen is :mod:`cvlib.explain.screening`'s business; how the samples are shown
 is :mod:`cvlib.explain.render`'s.
 """
 

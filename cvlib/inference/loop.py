@@ -1,6 +1,6 @@
 """The inference loop: batches of images in, float32 logits out. Scoring, validation during
 training (:func:`cvlib.training.evaluate.evaluate`), the report's screening pass
-(:func:`cvlib.explain.report.screen_files`) and served requests all run their forwards here;
+(:func:`cvlib.explain.screening.screen_files`) and served requests all run their forwards here;
 each keeps its own output (rows, loss and accuracy, probabilities).
 
 The caller hands :func:`infer_batches` ``(payload, images)`` pairs and gets ``(payload, logits)``

@@ -76,8 +76,8 @@ def _image(rng: np.random.Generator, shape: str) -> bytes:
 def report(tmp_path_factory) -> Path:
     """A real report: a tiny random CNN, screened and explained images, figures, confusions."""
     from cvlib.explain.render import render_report, write_report
-    from cvlib.explain.report import choose_samples, screen_files
     from cvlib.explain.samples import explain_feature_maps, explain_files
+    from cvlib.explain.screening import choose_samples, screen_files
     from cvlib.explain.summary import confusions_from_matrix
     from cvlib.models.factory import create_model
     from cvlib.training.plots import confusion_matrix_png, training_curves_png

@@ -71,12 +71,12 @@ def test_cli_explain_without_the_flag_has_no_section(on_prefect, inputs, checkpo
 
 
 def test_cli_unknown_layer_fails_clearly_before_screening(on_prefect, inputs, checkpoint, tmp_path, monkeypatch):
-    import cvlib.explain.report
+    import cvlib.explain.screening
     from flows.cli import EXIT_USAGE, main
 
     screened = []
-    real = cvlib.explain.report.screen_files
-    monkeypatch.setattr(cvlib.explain.report, "screen_files", lambda *a, **k: screened.append(1) or real(*a, **k))
+    real = cvlib.explain.screening.screen_files
+    monkeypatch.setattr(cvlib.explain.screening, "screen_files", lambda *a, **k: screened.append(1) or real(*a, **k))
     out = tmp_path / "report.html"
     # Not capsys, to be safe in any test order: Prefect's console log handler keeps the stream
     # it first saw (tests/conftest.py imports prefect early for that reason).

@@ -33,7 +33,7 @@ def test_cvlib_imports_neither_prefect_nor_mlflow():
     # The walk must have found the real modules, or the check below proves nothing.
     expected = {
         "cvlib.config", "cvlib.data.ingest", "cvlib.training.fit", "cvlib.inference.predict", "cvlib.training.checkpoint",
-        "cvlib.explain.report", "cvlib.models.factory", "cvlib.training.schedule", "cvlib.data.transforms", "cvlib.data.demo",
+        "cvlib.explain.screening", "cvlib.models.factory", "cvlib.training.schedule", "cvlib.data.transforms", "cvlib.data.demo",
     }  # fmt: skip
     assert expected <= set(report["modules"])
     assert report["leaked"] == []

@@ -1,4 +1,4 @@
-"""The Grad-CAM HTML report (cvlib.explain.report, samples, summary, render). Escaping,
+"""The Grad-CAM HTML report (cvlib.explain.screening, samples, summary, render). Escaping,
 self-containment, one card per sample, misclassified first by loss, galleries per class,
 faithfulness numbers, embedded figures, the whole-split confusions and the screening/sampling
 that picks the images. A tiny random CNN on 32 px images, one thread: fast on a shared 2-core
@@ -20,8 +20,8 @@ from PIL import Image
 
 from cvlib.explain.options import ReportConfig
 from cvlib.explain.render import render_report, write_report
-from cvlib.explain.report import choose_samples, screen_files
 from cvlib.explain.samples import ReportSample, explain_files
+from cvlib.explain.screening import choose_samples, screen_files
 from cvlib.explain.summary import (
     FIGURES,
     confusions_from_matrix,
