@@ -10,7 +10,7 @@ PNGs) and ingested with :func:`cvlib.data.ingest.build_manifest`, so the split i
 flow uses. The nearest the CLI comes:
 
     visionflow retrain DIR --arch simple_cnn --weights none --image-size 32 --epochs 10 \\
-        --batch-size 64 --lr 3e-3 --workers 0
+        --batch-size 64 --lr 3e-3 --loader-workers 0
 
 (the CLI cannot set the augmentation, head or smoothing, so it keeps visionflow's defaults:
 hflip 0.5, rotation 15, scale_min 0.5, eval resize 256/224, label smoothing 0.1, a 512-unit
@@ -97,14 +97,16 @@ def simple_cnn_digits_config(*, epochs: int = 10, num_workers: int = 0, seed: in
 
 def cli_equivalent_config(*, epochs: int = 10, num_workers: int = 0, seed: int = 0):
     """What ``visionflow retrain DIR --arch simple_cnn --weights none --image-size 32 --epochs 10
-    --batch-size 64 --lr 3e-3 --workers 0`` trains with: the defaults plus those flags."""
-    from cvlib.config import RetrainConfig
+    --batch-size 64 --lr 3e-3 --loader-workers 0`` trains with, built by the CLI's own parser and
+    builder (plus the device and no progress bar, which a benchmark fixes)."""
+    from cvlib.arguments import retrain_config
+    from flows.parser import make_parser
 
-    data = RetrainConfig().model_dump()
-    data["augment"]["image_size"] = 32
-    data["train"].update(arch="simple_cnn", weights="none", epochs=epochs, batch_size=64, lr=3e-3,
-                         num_workers=num_workers, seed=seed, device="cpu", progress=False)
-    return RetrainConfig.model_validate(data)
+    argv = ["retrain", "DIR", "--arch", "simple_cnn", "--weights", "none", "--image-size", "32", "--epochs", str(epochs),
+            "--batch-size", "64", "--lr", "3e-3", "--loader-workers", str(num_workers), "--seed", str(seed), "--device", "cpu"]
+    config = retrain_config(make_parser().parse_args(argv))
+    config.train.progress = False
+    return config
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recipe", choices=["tuned", "cli"], default="tuned",
                         help="tuned: simple_cnn_digits_config(); cli: what the retrain CLI flags can set")
     parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--workers", type=int, default=0, help="DataLoader workers (default 0)")
+    parser.add_argument("--loader-workers", dest="workers", type=int, default=0, help="DataLoader workers (default 0)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1; 0: torch's own)")
     parser.add_argument("--data", default=None, help="digits folder to use or write (default: a temp folder)")

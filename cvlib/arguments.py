@@ -19,9 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
-
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+from cvlib.strict import PRECISIONS
 
 
 class OptionsError(ValueError):
@@ -87,11 +85,23 @@ def add_config_file(parser: argparse.ArgumentParser) -> None:
                         help="JSON file with any part of the configuration (`visionflow config` prints it all); flags override it")  # fmt: skip
 
 
+def add_flags(parser: argparse.ArgumentParser, flags: Sequence[Flag]) -> None:
+    """Declare ``flags`` (default None: an absent flag leaves the record's default alone)."""
+    for flag in flags:
+        parser.add_argument(flag.name, dest=flag.dest, default=None, **flag.kwargs)
+
+
+def options_from(model_cls, flags: Sequence[Flag], args: argparse.Namespace, **fixed: Any):
+    """An options record from the ``flags`` given on the command line (plus ``fixed`` values);
+    the defaults stay in ``model_cls``, and a bad value is one line naming its flag."""
+    given = {f.path: getattr(args, f.dest) for f in flags if getattr(args, f.dest, None) is not None}
+    return validated(model_cls, given | fixed, flags={f.path: f.name for f in flags})
+
+
 def add_retrain_arguments(parser: argparse.ArgumentParser) -> None:
     """``--config`` and every retraining flag, plus the old names that still work for one release."""
     add_config_file(parser)
-    for flag in RETRAIN_FLAGS:
-        parser.add_argument(flag.name, dest=flag.dest, default=None, **flag.kwargs)
+    add_flags(parser, RETRAIN_FLAGS)
     add_deprecated(parser, "--workers", "--loader-workers", type=int)
 
 
@@ -129,9 +139,10 @@ def retrain_config(args: argparse.Namespace):
     given = {f.path: getattr(args, f.dest) for f in RETRAIN_FLAGS if getattr(args, f.dest, None) is not None}
     for path, value in given.items():
         _set(data, path, value)
-    weights_chosen = "train.weights" in given or "weights" in from_file.get("train", {})
-    if not weights_chosen and data["train"]["arch"] in _custom_archs():
-        data["train"]["weights"] = "none"  # no pretrained weights exist for visionflow's own models
+    train_file, train = from_file.get("train"), data.get("train")
+    weights_chosen = "train.weights" in given or (isinstance(train_file, dict) and "weights" in train_file)
+    if not weights_chosen and isinstance(train, dict) and train.get("arch") in _custom_archs():
+        train["weights"] = "none"  # no pretrained weights exist for visionflow's own models
     return validated(RetrainConfig, data, flags={f.path: f.name for f in RETRAIN_FLAGS if f.path in given},
                      config_file=config_file)  # fmt: skip
 
@@ -145,18 +156,23 @@ def _custom_archs() -> set[str]:
 def validated(model_cls, data: dict[str, Any], *, flags: dict[str, str] | None = None, config_file: str | None = None):
     """``model_cls.model_validate(data)``, with a failure told as one line naming the flag (when
     a flag set the value) or the config file's key."""
+    from pydantic import ValidationError
+
     try:
         return model_cls.model_validate(data)
     except ValidationError as exc:
         raise OptionsError(describe(exc, flags or {}, config_file)) from None
 
 
-def describe(exc: ValidationError, flags: dict[str, str], config_file: str | None) -> str:
+def describe(exc, flags: dict[str, str], config_file: str | None) -> str:
     """One line for a pydantic error: ``--epochs: must be ... (got -3)``."""
     parts = []
     for err in exc.errors():
         path = ".".join(str(p) for p in err["loc"])
         where = flags.get(path) or (f"config file {config_file}: {path}" if config_file else path)
-        got = "" if err["type"] == "missing" else f" (got {err.get('input')!r})"
-        parts.append(f"{where}: {err['msg'][0].lower()}{err['msg'][1:]}{got}")
+        value = err.get("input")
+        # A whole section (a dict) would drown the line; a scalar says what was wrong.
+        got = "" if err["type"] == "missing" or isinstance(value, (dict, list)) else f" (got {value!r})"
+        msg = err["msg"].removeprefix("Value error, ")
+        parts.append(f"{where}: {msg[0].lower()}{msg[1:]}{got}")
     return "; ".join(parts)

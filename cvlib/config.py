@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from cvlib.data.options import AugmentConfig, DataConfig
 from cvlib.explain.options import ReportConfig
@@ -31,6 +31,15 @@ class RetrainConfig(StrictModel):
     report: ReportConfig = Field(default_factory=ReportConfig)
     gate: GateConfig = Field(default_factory=GateConfig)
     log_system_metrics: bool = Field(True, description="Record CPU/GPU/memory use in the MLflow run while training.")
+
+    @field_validator("data")
+    @classmethod
+    def _has_validation_split(cls, data: DataConfig) -> DataConfig:
+        # The champion gate compares validation metrics: a run without them could not be judged,
+        # and would find out only after training.
+        if data.val_fraction <= 0:
+            raise ValueError("val_fraction must be above 0 for retraining: the champion gate compares validation metrics")
+        return data
 
 
 def flatten(config: BaseModel, prefix: str = "") -> dict[str, Any]:

@@ -64,9 +64,14 @@ def class_change(champion_classes: Sequence[str], challenger_classes: Sequence[s
 
 def challenger_score(gate: GateConfig, metrics: Mapping[str, float]) -> float:
     """The challenger's score on the gate metric; an unknown metric is a configuration error."""
-    if gate.metric not in metrics:
-        raise ValueError(f"unknown gate metric {gate.metric!r}; choose one of {sorted(metrics)}")
-    return float(metrics[gate.metric])
+    return score_on(gate.metric, metrics)
+
+
+def score_on(metric: str, metrics: Mapping[str, float]) -> float:
+    """``metrics[metric]``, or an error naming the metrics there are (a misspelt gate metric)."""
+    if metric not in metrics:
+        raise ValueError(f"unknown gate metric {metric!r}; choose one of {sorted(metrics)}")
+    return float(metrics[metric])
 
 
 def decide(

@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from tasks.records import RetrainResult
 
-from cvlib.arguments import OptionsError, retrain_config
-from flows.parser import EXIT_USAGE, make_parser
+from cvlib.arguments import OptionsError, options_from, retrain_config
+from flows.parser import EXIT_USAGE, EXPLAIN_FLAGS, SCORE_FLAGS, make_parser
 
 
 class CliError(Exception):
@@ -132,15 +132,6 @@ def _check_registered(uri: str, flag: str) -> None:
         ) from exc
 
 
-def _options(cls, given: dict[str, tuple[str, object]], **fixed):
-    """An options record from the flags given ({field: (flag, value)}); the defaults stay in
-    ``cls``, and a bad value is one line naming its flag."""
-    from cvlib.arguments import validated
-
-    values = {key: value for key, (_, value) in given.items() if value is not None}
-    return validated(cls, values | fixed, flags={key: flag for key, (flag, _) in given.items()})
-
-
 def cmd_retrain(args: argparse.Namespace) -> int:
     data_dir = _existing(args.data_dir, "data folder", folder=True)
     config = retrain_config(args)  # before Prefect starts: a bad flag costs a second
@@ -214,13 +205,7 @@ def cmd_score(args: argparse.Namespace) -> int:
 
     input_spec = _score_input(args.input, args.root)
     model_uri, weights = _score_model(args.model, args.weights)
-    cfg = _options(
-        ScoreConfig,
-        {"batch_size": ("--batch-size", args.batch_size), "num_workers": ("--loader-workers", args.loader_workers),
-         "device": ("--device", args.device), "precision": ("--precision", args.precision), "top_k": ("--top-k", args.top_k),
-         "compile": ("--compile", args.compile or None), "gpu_decode": ("--gpu-decode", args.gpu_decode),
-         "part_size": ("--part-size", args.part_size)},
-    )  # fmt: skip
+    cfg = options_from(ScoreConfig, SCORE_FLAGS, args)  # before Prefect starts: a bad flag costs a second
     _use_prefect()
     from flows.score import score
 
@@ -243,15 +228,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
     input_dir, model_uri = _existing(args.input, "input"), _model_ref(args.model)
     # Only the options given: the defaults live in ReportConfig. Naming a layer asks for the section.
-    config = _options(
-        ReportConfig,
-        {"samples": ("--samples", args.samples), "seed": ("--seed", args.seed),
-         "feature_map_layers": ("--feature-map-layer", args.feature_map_layer),
-         "feature_map_images": ("--feature-map-images", args.feature_map_images),
-         "feature_map_channels": ("--feature-map-channels", args.feature_map_channels), "precision": ("--precision", args.precision),
-         "batch_size": ("--batch-size", args.batch_size), "device": ("--device", args.device)},
-        feature_maps=bool(args.feature_maps or args.feature_map_layer),
-    )  # fmt: skip
+    config = options_from(ReportConfig, EXPLAIN_FLAGS, args, feature_maps=bool(args.feature_maps or args.feature_map_layer))
     _use_prefect()
     from flows.explain import explain
 

@@ -11,9 +11,39 @@ from __future__ import annotations
 
 import argparse
 
-from cvlib.arguments import PRECISIONS, add_config_file, add_deprecated, add_retrain_arguments
+from cvlib.arguments import PRECISIONS, Flag, add_config_file, add_deprecated, add_flags, add_retrain_arguments
 
 EXIT_USAGE = 2
+DEVICE_HELP = "auto (CUDA, then MPS, then CPU), cuda, mps, cpu"
+
+# The flags that set a field of ScoreConfig (cvlib.inference.options), by its name.
+SCORE_FLAGS: tuple[Flag, ...] = (
+    Flag("--batch-size", "batch_size", {"type": int}),
+    Flag("--top-k", "top_k", {"type": int}),
+    Flag("--loader-workers", "num_workers", {"type": int, "help": "decoding worker processes per scoring process"}),
+    Flag("--device", "device", {"help": DEVICE_HELP}),
+    Flag("--precision", "precision", {"choices": PRECISIONS, "help": "auto: bf16 on CUDA and on CPUs with native bf16, else fp32"}),
+    Flag("--compile", "compile", {"action": "store_const", "const": True, "help": "torch.compile the model"}),
+    Flag("--gpu-decode", "gpu_decode", {"choices": ["auto", "on", "off"], "help": "decode JPEGs with nvJPEG on CUDA (auto: on with CUDA)"}),
+    Flag("--part-size", "part_size", {"type": int, "help": "rows per Parquet part file"}),
+)
+
+# The flags that set a field of ReportConfig (cvlib.explain.options).
+EXPLAIN_FLAGS: tuple[Flag, ...] = (
+    Flag("--samples", "samples", {"type": int, "help": "how many images get a CAM"}),
+    Flag("--seed", "seed", {"type": int}),
+    Flag("--batch-size", "batch_size", {"type": int, "help": "images per forward, screening and CAMs (default: 64 and 16)"}),
+    Flag("--device", "device", {"help": DEVICE_HELP}),
+    Flag("--feature-map-layer", "feature_map_layers", {
+        "action": "append", "metavar": "NAME", "help": "a layer for the feature-maps section (repeatable; implies "
+        "--feature-maps), e.g. layer1.0.conv1 or features.block2; default: first conv, middle stage, last stage"}),
+    Flag("--feature-map-images", "feature_map_images", {
+        "type": int, "metavar": "N", "help": "how many images get feature maps (the first ones, misclassified first)"}),
+    Flag("--feature-map-channels", "feature_map_channels", {
+        "type": int, "metavar": "K", "help": "channels shown per layer and image (the most active)"}),
+    Flag("--precision", "precision", {
+        "choices": PRECISIONS, "help": "what the report's forwards run in (maps are fp32 either way); default auto: bf16 where native"}),
+)  # fmt: skip
 
 
 def _count(minimum: int):
@@ -91,18 +121,11 @@ def _add_score(sub) -> None:
     s.add_argument("--weights", help="for torchvision/ARCH: DEFAULT (default), a weights name, a file, or none (random, for benchmarks)")
     s.add_argument("--out", required=True, help="OUT.parquet (one file) or a folder (Parquet dataset of part files)")
     s.add_argument("--root", help="where a list's or manifest's relative paths start")
-    s.add_argument("--batch-size", type=int)
-    s.add_argument("--top-k", type=int)
     s.add_argument("--dask-workers", type=_count(1), help="Dask worker processes on a local cluster (default 1: in this process)")
     add_deprecated(s, "--workers", "--dask-workers", type=_count(1))
     s.add_argument("--dask-address", help="an existing Dask scheduler, tcp://HOST:PORT (instead of a local cluster)")
     s.add_argument("--shards", type=_count(1), help="file-list shards (default: one per Dask worker)")
-    s.add_argument("--loader-workers", type=int, help="decoding worker processes per scoring process")
-    s.add_argument("--device", help="auto (CUDA, then MPS, then CPU), cuda, mps, cpu")
-    s.add_argument("--precision", choices=PRECISIONS, help="auto: bf16 on CUDA and on CPUs with native bf16, else fp32")
-    s.add_argument("--compile", action="store_true", help="torch.compile the model")
-    s.add_argument("--gpu-decode", choices=["auto", "on", "off"], help="decode JPEGs with nvJPEG on CUDA (auto: on with CUDA)")
-    s.add_argument("--part-size", type=int, help="rows per Parquet part file")
+    add_flags(s, SCORE_FLAGS)
 
 
 def _add_explain(sub) -> None:
@@ -110,19 +133,9 @@ def _add_explain(sub) -> None:
     s.add_argument("input")
     s.add_argument("--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION, a checkpoint file or package folder")
     s.add_argument("--out", required=True)
-    s.add_argument("--samples", type=int, help="how many images get a CAM")
-    s.add_argument("--seed", type=int)
-    s.add_argument("--batch-size", type=int, help="images per forward, screening and CAMs (default: 64 and 16)")
-    s.add_argument("--device", help="auto (CUDA, then MPS, then CPU), cuda, mps, cpu")
     s.add_argument("--feature-maps", action="store_true",
                    help="add a 'Feature maps' section: the most active channels of a few layers for the first images")
-    s.add_argument("--feature-map-layer", action="append", metavar="NAME",
-                   help="a layer for that section (repeatable; implies --feature-maps), e.g. layer1.0.conv1 or "
-                   "features.block2; default: first conv, middle stage, last stage")
-    s.add_argument("--feature-map-images", type=int, metavar="N", help="how many images get feature maps (the first ones, misclassified first)")
-    s.add_argument("--feature-map-channels", type=int, metavar="K", help="channels shown per layer and image (the most active)")
-    s.add_argument("--precision", choices=PRECISIONS,
-                   help="what the report's forwards run in (maps are fp32 either way); default auto: bf16 where native")
+    add_flags(s, EXPLAIN_FLAGS)
 
 
 def _add_demo(sub) -> None:

@@ -130,6 +130,7 @@ def score(
     shards: int | None = None,
     root: str | None = None,
     workers: int | None = None,
+    engine: dict | None = None,
 ) -> BatchScoreResult:
     """Top-5 predictions for every input file, one row per file.
 
@@ -140,12 +141,16 @@ def score(
     ``out``: ``*.parquet`` -> one file written at the end; otherwise a dataset folder of part files.
     ``config``: how to score (batching, device, precision, decoding, compile, part sizes).
     ``dask_workers``: Dask worker processes of a local cluster (1: in this process), or
-    ``dask_address``, an existing cluster. ``workers``: the old name of ``dask_workers``, for one
-    release.
+    ``dask_address``, an existing cluster. Kept for one release: ``workers``, the old name of
+    ``dask_workers``, and ``engine``, whose fields (compile, gpu_decode, loader, part_size,
+    part_seconds) are now part of ``config``.
     """
     if workers is not None:
         get_run_logger().warning("the score parameter 'workers' is deprecated; use 'dask_workers' (removed in the next release)")
         dask_workers = workers
+    if engine:
+        get_run_logger().warning("the score parameter 'engine' is deprecated; its fields are part of 'config' now (removed in the next release)")
+        config = ScoreConfig.model_validate(config.model_dump() | engine)
     job = plan_scoring(
         input_dir, model_uri, str(out), weights=weights, shards=shards or default_shards(dask_workers, dask_address), root=root
     )

@@ -16,7 +16,7 @@ from pathlib import Path
 from prefect import task
 
 from cvlib.config import RetrainConfig, flatten
-from cvlib.promotion import Champion, GateConfig, GateDecision, challenger_score, class_change, decide
+from cvlib.promotion import Champion, GateConfig, GateDecision, challenger_score, class_change, decide, score_on
 from tasks.environment import mlflow_artifact_root, mlflow_tracking_uri, quiet_defaults, visionflow_home
 from tasks.log import run_logger
 from tasks.records import IngestResult, RegisteredVersion, Validation
@@ -266,9 +266,7 @@ def _read_champion(champion, ingest: IngestResult, metric: str, batch_size: int,
     ev = evaluate_split(model, meta, ingest.data_dir, manifest, "val", batch_size=batch_size, num_workers=num_workers)
     report = classification_metrics(ev.targets, ev.probs, meta["class_names"], prefix="val_")
     scores = report["metrics"] | {"val_loss": ev.loss}
-    if metric not in scores:
-        raise ValueError(f"unknown gate metric {metric!r}; choose one of {sorted(scores)}")
-    return Champion(version=str(champion.version), class_names=classes, score=float(scores[metric]))
+    return Champion(version=str(champion.version), class_names=classes, score=score_on(metric, scores))
 
 
 @task(name="champion-gate", retries=3, retry_delay_seconds=[1, 5, 15], timeout_seconds=3600, persist_result=True)

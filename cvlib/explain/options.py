@@ -3,11 +3,9 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 from pydantic import Field, field_validator
 
-from cvlib.strict import StrictModel
+from cvlib.strict import Precision, StrictModel
 
 
 class ReportConfig(StrictModel):
@@ -35,7 +33,7 @@ class ReportConfig(StrictModel):
         "training batch size in retrain) and 16 for the CAMs, which keep activations and gradients."
     )
     device: str = Field("auto", description="'auto' (CUDA, then MPS, then CPU), 'cuda', 'mps', 'cpu' or a torch device string.")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+    precision: Precision = Field(
         "auto", description="What the report's forwards run in (the explained activation, its gradient and the "
         "maps are always fp32). auto: bf16 on CUDA and on CPUs with native bf16 (about twice as fast, maps within "
         "Pearson r 0.999 of fp32), else fp32."

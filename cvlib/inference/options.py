@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from cvlib.strict import StrictModel
+from cvlib.strict import Precision, StrictModel
 
 
 class ScoreConfig(StrictModel):
@@ -21,7 +21,7 @@ class ScoreConfig(StrictModel):
     top_k: int = Field(5, ge=1, description="Classes per row (at most the model's number of classes).")
     num_workers: int = Field(2, ge=0, description="Decoding workers (0: decode in the scoring thread).")
     device: str = Field("auto", description="auto (CUDA, then MPS, then CPU), or a torch device name.")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+    precision: Precision = Field(
         "auto", description="auto: bf16 on CUDA and on CPUs with native bf16, else fp32."
     )
     compile: bool = Field(False, description="torch.compile the model (slow start, faster steady state on GPUs).")

@@ -7,7 +7,9 @@ from functools import lru_cache
 
 import torch
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+from cvlib.strict import PRECISIONS
+
+__all__ = ["PRECISIONS", "autocast", "autocast_dtype", "cpu_supports_bf16", "inference_dtype", "needs_grad_scaler"]
 
 
 @lru_cache(maxsize=1)

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from cvlib.strict import StrictModel
+from cvlib.strict import Precision, StrictModel
 
 
 class TrainConfig(StrictModel):
@@ -53,7 +53,7 @@ class TrainConfig(StrictModel):
     num_workers: int = Field(2, ge=0, description="DataLoader worker processes (kept alive across epochs).")
     prefetch_factor: int = Field(2, ge=1, description="Batches each DataLoader worker prepares ahead.")
     device: str = Field("auto", description="'auto', 'cuda', 'mps', 'cpu' or a torch device string.")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+    precision: Precision = Field(
         "auto", description="auto: bf16 on CUDA (fp16 + grad scaler without bf16), fp32 on CPU (reproducible); bf16 on request."
     )
     channels_last: bool = Field(True, description="NHWC memory format: faster convolutions on GPUs and oneDNN CPUs.")

@@ -18,6 +18,8 @@ def files(tmp_path_factory, digits_dir) -> dict[str, str]:
     (root / "bad.json").write_text("{not json")
     (root / "zero-epochs.json").write_text(json.dumps({"train": {"epochs": 0}}))
     (root / "typo.json").write_text(json.dumps({"data": {"val_fractoin": 0.3}}))
+    (root / "not-a-section.json").write_text(json.dumps({"train": 5}))
+    (root / "no-validation.json").write_text(json.dumps({"data": {"val_fraction": 0}}))
     torch.save({"not": "a model"}, root / "empty.pt")
     return {"DIR": str(digits_dir), "IMG": str(next(Path(digits_dir, "3").iterdir())), "TMP": str(root)}
 
@@ -40,6 +42,8 @@ CASES = [
     ("retrain DIR --config TMP/missing.json", "TMP/missing.json"),
     ("retrain DIR --config TMP/bad.json", "TMP/bad.json"),
     ("retrain DIR --config TMP/zero-epochs.json", "train.epochs"),
+    ("retrain DIR --config TMP/not-a-section.json", "train"),
+    ("retrain DIR --config TMP/no-validation.json", "val_fraction"),
     ("ingest DIR --out TMP/m.parquet --config TMP/typo.json", "data.val_fractoin"),
     ("score DIR --model models:/nope@champion --out TMP/p.parquet", "models:/nope@champion"),
     ("score DIR --model models:/nope --out TMP/p.parquet", "models:/NAME/VERSION"),

@@ -75,6 +75,31 @@ def test_dataset_output_one_row_per_file_and_rerun_resumes(on_prefect, inputs, c
     _same(_rows(out), rows)
 
 
+def test_old_parameter_names_work_for_one_release(on_prefect, inputs, checkpoint, tmp_path, monkeypatch):
+    """Deployments written for the old flow: ``workers`` and an ``engine`` section still run."""
+    import flows.score
+    from flows.score import score
+
+    warned: list[str] = []
+    real = flows.score.get_run_logger
+
+    class Recording:  # Prefect's run logger does not propagate to pytest's log capture
+        def __getattr__(self, name):
+            return getattr(real(), name)
+
+        def warning(self, msg, *args):
+            warned.append(msg % args if args else msg)
+
+    monkeypatch.setattr(flows.score, "get_run_logger", Recording)
+
+    out = tmp_path / "predictions"
+    cfg = ScoreConfig(num_workers=0, batch_size=8, precision="fp32")
+    result = score(input_dir=str(inputs), model_uri=str(checkpoint), out=str(out), config=cfg, workers=1, engine={"part_size": 16})
+    assert (result.files, result.shards) == (32, 1)
+    assert len(sorted(out.glob("part-*.parquet"))) == 2  # 32 rows in parts of 16: the engine's part_size was used
+    assert any("'workers' is deprecated" in w for w in warned) and any("'engine' is deprecated" in w for w in warned)
+
+
 def test_two_dask_workers_give_the_rows_of_one_process(on_prefect, inputs, checkpoint, tmp_path):
     """A 2-worker local Dask cluster (processes, one thread each, loopback only) given by its
     address: two shards, each worker loads the model once, same rows as one process."""

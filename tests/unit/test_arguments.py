@@ -63,6 +63,8 @@ def test_old_flag_name_still_works_and_says_so(capsys):
         ([], {"train": {"epochs": 0}}, "c.json: train.epochs: input should be greater than or equal to 1 (got 0)"),
         ([], {"train": {"epoch": 3}}, "c.json: train.epoch: extra inputs are not permitted"),
         ([], [1, 2], "must hold a JSON object"),
+        ([], {"train": 5}, "c.json: train: input should be a valid dictionary"),
+        ([], {"data": {"val_fraction": 0}}, "c.json: data: val_fraction must be above 0 for retraining"),
         ([], "{not json", "is not valid JSON"),
     ],
 )

@@ -190,3 +190,15 @@ def test_flatten_prefix_and_values_are_loggable():
     assert set(flat) == {f"cfg.{k}" for k in TrainConfig.model_fields}
     for value in flatten(RetrainConfig()).values():
         json.dumps(value)  # scalars, tuples/lists of scalars, or None
+
+
+def test_retraining_needs_a_validation_split():
+    """The gate compares validation metrics: a retrain config without a validation split is refused
+    up front, while ingestion alone (DataConfig) may skip it."""
+    from pydantic import ValidationError
+
+    from cvlib.data.options import DataConfig
+
+    assert DataConfig(val_fraction=0.0).val_fraction == 0.0
+    with pytest.raises(ValidationError, match="val_fraction must be above 0"):
+        RetrainConfig(data=DataConfig(val_fraction=0.0))
