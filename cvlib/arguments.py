@@ -21,6 +21,8 @@ from typing import Any
 
 from cvlib.strict import PRECISIONS
 
+DEVICE_HELP = "auto (CUDA, then MPS, then CPU), cuda, mps, cpu"
+
 
 class OptionsError(ValueError):
     """A flag or config file the user can fix; its message is one line naming it."""
@@ -69,7 +71,7 @@ RETRAIN_FLAGS: tuple[Flag, ...] = (
     Flag("--seed", "train.seed", {"type": int}),
     Flag("--model-name", "model_name", {"help": "registered model name in MLflow"}),
     Flag("--loader-workers", "train.num_workers", {"type": int, "help": "DataLoader worker processes (per process)"}),
-    Flag("--device", "train.device", {"help": "auto (CUDA, then MPS, then CPU), cuda, mps, cpu"}),
+    Flag("--device", "train.device", {"help": DEVICE_HELP}),
     Flag("--precision", "train.precision", {"choices": PRECISIONS}),
     Flag("--freeze-backbone", "train.freeze_backbone", {"action": "store_const", "const": True,
                                                          "help": "train only the classification head"}),
@@ -94,8 +96,13 @@ def add_flags(parser: argparse.ArgumentParser, flags: Sequence[Flag]) -> None:
 def options_from(model_cls, flags: Sequence[Flag], args: argparse.Namespace, **fixed: Any):
     """An options record from the ``flags`` given on the command line (plus ``fixed`` values);
     the defaults stay in ``model_cls``, and a bad value is one line naming its flag."""
-    given = {f.path: getattr(args, f.dest) for f in flags if getattr(args, f.dest, None) is not None}
-    return validated(model_cls, given | fixed, flags={f.path: f.name for f in flags})
+    given = flags_given(flags, args)
+    return validated(model_cls, given | fixed, flags={f.path: f.name for f in flags if f.path in given})
+
+
+def flags_given(flags: Sequence[Flag], args: argparse.Namespace) -> dict[str, Any]:
+    """{field path: value} for the ``flags`` given on the command line (absent ones are None)."""
+    return {f.path: getattr(args, f.dest) for f in flags if getattr(args, f.dest, None) is not None}
 
 
 def add_retrain_arguments(parser: argparse.ArgumentParser) -> None:
@@ -136,7 +143,7 @@ def retrain_config(args: argparse.Namespace):
     config_file = getattr(args, "config", None)
     from_file = read_config_file(config_file)
     data = merge_into(RetrainConfig().model_dump(), from_file)
-    given = {f.path: getattr(args, f.dest) for f in RETRAIN_FLAGS if getattr(args, f.dest, None) is not None}
+    given = flags_given(RETRAIN_FLAGS, args)
     for path, value in given.items():
         _set(data, path, value)
     train_file, train = from_file.get("train"), data.get("train")
@@ -147,13 +154,23 @@ def retrain_config(args: argparse.Namespace):
                      config_file=config_file)  # fmt: skip
 
 
+def section_config(config_file: str | None, section: str, model_cls):
+    """One section of a ``--config`` file (e.g. ``data`` for ``visionflow ingest``, which reads the
+    file retrain takes) as its own record: the retraining-only rules of RetrainConfig do not apply."""
+    from cvlib.config import merge_into
+
+    part = read_config_file(config_file).get(section, {})
+    data = merge_into(model_cls().model_dump(), part) if isinstance(part, dict) else part
+    return validated(model_cls, data, config_file=config_file, prefix=section)
+
+
 def _custom_archs() -> set[str]:
     from cvlib.models.names import CUSTOM_ARCH_NAMES  # not the factory: that imports torch
 
     return set(CUSTOM_ARCH_NAMES)
 
 
-def validated(model_cls, data: dict[str, Any], *, flags: dict[str, str] | None = None, config_file: str | None = None):
+def validated(model_cls, data: Any, *, flags: dict[str, str] | None = None, config_file: str | None = None, prefix: str = ""):
     """``model_cls.model_validate(data)``, with a failure told as one line naming the flag (when
     a flag set the value) or the config file's key."""
     from pydantic import ValidationError
@@ -161,14 +178,14 @@ def validated(model_cls, data: dict[str, Any], *, flags: dict[str, str] | None =
     try:
         return model_cls.model_validate(data)
     except ValidationError as exc:
-        raise OptionsError(describe(exc, flags or {}, config_file)) from None
+        raise OptionsError(describe(exc, flags or {}, config_file, prefix)) from None
 
 
-def describe(exc, flags: dict[str, str], config_file: str | None) -> str:
+def describe(exc, flags: dict[str, str], config_file: str | None, prefix: str = "") -> str:
     """One line for a pydantic error: ``--epochs: must be ... (got -3)``."""
     parts = []
     for err in exc.errors():
-        path = ".".join(str(p) for p in err["loc"])
+        path = ".".join(str(p) for p in (prefix, *err["loc"]) if p != "")
         where = flags.get(path) or (f"config file {config_file}: {path}" if config_file else path)
         value = err.get("input")
         # A whole section (a dict) would drown the line; a scalar says what was wrong.

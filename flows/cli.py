@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from tasks.records import RetrainResult
 
-from cvlib.arguments import OptionsError, options_from, retrain_config
+from cvlib.arguments import OptionsError, options_from, retrain_config, section_config
 from flows.parser import EXIT_USAGE, EXPLAIN_FLAGS, SCORE_FLAGS, make_parser
 
 
@@ -50,13 +50,14 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
 def cmd_ingest(args: argparse.Namespace) -> int:
     from cvlib.data.ingest import build_manifest
     from cvlib.data.manifest import dataset_hash, write_manifest
+    from cvlib.data.options import DataConfig
     from cvlib.data.summary import summarize
 
     t0 = time.perf_counter()
     data_dir = _existing(args.data_dir, "data folder", folder=True)
-    config = retrain_config(argparse.Namespace(config=args.config))  # the same file retrain takes; its `data` part
+    data_config = section_config(args.config, "data", DataConfig)  # the file retrain takes: its `data` part
     # Re-ingesting into the same manifest reads only new or changed files.
-    manifest, skipped = build_manifest(data_dir, config.data, previous=args.out)
+    manifest, skipped = build_manifest(data_dir, data_config, previous=args.out)
     write_manifest(manifest, args.out, metadata={"visionflow.dataset_hash": dataset_hash(manifest)})
     summary = summarize(manifest) | {"skipped": skipped}
     print(json.dumps({k: summary[k] for k in ("files", "ok", "duplicates", "quarantined", "classes", "reasons", "skipped")}, indent=2))
@@ -90,46 +91,43 @@ def _existing(path: str, what: str, *, folder: bool = False) -> str:
 
 
 def _model_ref(uri: str, flag: str = "--model") -> str:
-    """A model reference checked before Prefect starts: a registered version or alias that exists,
-    or a file or folder that is a visionflow checkpoint or package."""
-    if uri.startswith("models:/"):
-        _check_registered(uri, flag)
-        return uri
-    from cvlib.models.names import check_model_path
-
-    path = _existing(uri, f"{flag} checkpoint")
-    try:
-        check_model_path(path)
-    except ValueError as exc:
-        raise CliError(f"{flag} {exc}") from exc
-    return path
+    """A model reference checked before Prefect starts; returned as given (a flow records it)."""
+    local = _local_model(uri, flag)
+    return uri if uri.startswith("models:/") else local
 
 
-def _check_registered(uri: str, flag: str) -> None:
-    ref = uri.removeprefix("models:/")
-    name, has_alias, alias = ref.partition("@")
-    if not has_alias:
-        name, _, version = ref.partition("/")
-    if not name or not (alias if has_alias else version):
-        raise CliError(f"{flag} {uri}: use models:/NAME@ALIAS or models:/NAME/VERSION")
+def _local_model(uri: str, flag: str = "--model") -> str:
+    """The model's local package or checkpoint: a registered version or alias that exists
+    (fetched into the home's cache, where the flow finds it), or a file or folder that is a
+    visionflow checkpoint or package."""
+    if not uri.startswith("models:/"):
+        from cvlib.models.names import check_model_path
+
+        path = _existing(uri, f"{flag} checkpoint")
+        try:
+            check_model_path(path)
+        except ValueError as exc:
+            raise CliError(f"{flag} {exc}") from exc
+        return path
     import logging
 
     from mlflow.exceptions import MlflowException
 
     from tasks.environment import mlflow_tracking_uri
-    from tasks.registry import client
+    from tasks.registry import resolve_model
 
     # A fresh embedded store announces its table creation at INFO: not news to a user here.
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
     try:
-        c = client()
-        c.get_model_version_by_alias(name, alias) if has_alias else c.get_model_version(name, version)
+        return resolve_model(uri)[0]
     except MlflowException as exc:
         message = str(exc.message).splitlines()[0] if exc.message else type(exc).__name__
         raise CliError(
             f"{flag} {uri}: {message} in the MLflow registry at {mlflow_tracking_uri()} "
             "(set MLFLOW_TRACKING_URI for another server, or give a checkpoint path)"
         ) from exc
+    except ValueError as exc:  # not models:/NAME@ALIAS or models:/NAME/VERSION
+        raise CliError(f"{flag} {exc}") from exc
 
 
 def cmd_retrain(args: argparse.Namespace) -> int:
@@ -312,17 +310,13 @@ def cmd_kernels(args: argparse.Namespace) -> int:
 def cmd_featuremaps(args: argparse.Namespace) -> int:
     """One layer's feature maps for one image, as a PNG grid. No Prefect flow: a quick look
     should start in a second, and only a models:/ URI pays for importing MLflow."""
-    image, model_ref = _existing(args.image, "image"), _model_ref(args.model)
+    image, local = _existing(args.image, "image"), _local_model(args.model)
     from cvlib.data.imageio import ImageReadError, load_rgb
     from cvlib.data.transforms import eval_preset_from
     from cvlib.explain.featuremaps import feature_maps, render_feature_maps
     from cvlib.training.checkpoint import load_package
 
-    if model_ref.startswith("models:/"):
-        from tasks.registry import resolve_model
-
-        model_ref, _ = resolve_model(model_ref)
-    model, meta = load_package(model_ref)
+    model, meta = load_package(local)
     try:
         x = eval_preset_from(meta["preprocessing"])(load_rgb(image)).unsqueeze(0)
         maps = feature_maps(model, x, args.layer)

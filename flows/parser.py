@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import argparse
 
-from cvlib.arguments import PRECISIONS, Flag, add_config_file, add_deprecated, add_flags, add_retrain_arguments
+from cvlib.arguments import DEVICE_HELP, PRECISIONS, Flag, add_config_file, add_deprecated, add_flags, add_retrain_arguments
 
 EXIT_USAGE = 2
-DEVICE_HELP = "auto (CUDA, then MPS, then CPU), cuda, mps, cpu"
 
 # The flags that set a field of ScoreConfig (cvlib.inference.options), by its name.
 SCORE_FLAGS: tuple[Flag, ...] = (

@@ -333,6 +333,19 @@ def _download(name: str, version: str) -> str:
     return str(dest)
 
 
+def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
+    """``models:/NAME@ALIAS`` -> (NAME, ALIAS, None); ``models:/NAME/VERSION`` -> (NAME, None,
+    VERSION). Anything else is a ValueError that says which two forms work."""
+    ref = uri.removeprefix("models:/")
+    name, has_alias, alias = ref.partition("@")
+    version = None
+    if not has_alias:
+        name, _, version = ref.partition("/")
+    if not uri.startswith("models:/") or not name or not (alias if has_alias else version):
+        raise ValueError(f"model URI {uri!r} needs a version or an alias: models:/NAME/VERSION or models:/NAME@ALIAS")
+    return name, alias if has_alias else None, version
+
+
 def resolve_model(uri: str) -> tuple[str, str]:
     """Map a model reference to (local package or checkpoint path, version string).
 
@@ -345,14 +358,10 @@ def resolve_model(uri: str) -> tuple[str, str]:
         if not path.exists():
             raise FileNotFoundError(f"model {uri!r} is neither a models:/ URI nor an existing file")
         return str(path.resolve()), path.name
+    name, alias, version = parse_model_uri(uri)
     c = client()
-    ref = uri.removeprefix("models:/")
-    if "@" in ref:
-        name, alias = ref.split("@", 1)
+    if alias is not None:
         version = str(c.get_model_version_by_alias(name, alias).version)
     else:
-        name, _, version = ref.partition("/")
-        if not version:
-            raise ValueError(f"model URI {uri!r} needs a version or an alias: models:/NAME/VERSION or models:/NAME@ALIAS")
         c.get_model_version(name, version)  # a clear error now if it does not exist
     return _download(name, version), version

@@ -28,7 +28,7 @@ from pydantic import BaseModel
 from cvlib.inference.options import ScoreConfig
 from tasks.log import run_logger
 from tasks.records import ScoreResult
-from tasks.registry import resolve_model
+from tasks.registry import parse_model_uri, resolve_model
 
 if TYPE_CHECKING:
     from cvlib.inference.output import OutputLayout
@@ -128,7 +128,7 @@ def _content_digest(path: Path) -> str:
 
 def _pinned(model_uri: str, version: str) -> str:
     """``models:/NAME@ALIAS`` -> ``models:/NAME/VERSION``: a worker must not follow a moved alias."""
-    name = model_uri.removeprefix("models:/").split("@", 1)[0].split("/", 1)[0]
+    name, _, _ = parse_model_uri(model_uri)
     return f"models:/{name}/{version}"
 
 

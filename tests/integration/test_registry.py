@@ -198,3 +198,26 @@ def test_mlflow_models_serve_answers_rest(retrained, mlflow_server, digits_dir, 
             rows += json.loads(resp.read())["predictions"]
     assert [r["status"] for r in rows] == ["ok", "ok"]
     assert rows[0]["top5_labels"] == rows[1]["top5_labels"]
+
+
+@pytest.mark.parametrize(
+    ("uri", "parsed"),
+    [("models:/m@champion", ("m", "champion", None)), ("models:/m/3", ("m", None, "3")), ("models:/a.b@x/y", ("a.b", "x/y", None))],
+)
+def test_model_uris_parse_in_one_place(uri, parsed):
+    from tasks.registry import parse_model_uri
+    from tasks.score import _pinned
+
+    assert parse_model_uri(uri) == parsed
+    assert _pinned(uri, "7") == f"models:/{parsed[0]}/7"
+
+
+@pytest.mark.parametrize("uri", ["models:/m", "models:/@champion", "models://3", "models:/m/", "runs:/abc/model"])
+def test_malformed_model_uris_say_which_forms_work(uri):
+    from tasks.registry import parse_model_uri, resolve_model
+
+    with pytest.raises(ValueError, match="models:/NAME/VERSION or models:/NAME@ALIAS"):
+        parse_model_uri(uri)
+    if uri.startswith("models:/"):
+        with pytest.raises(ValueError, match="models:/NAME/VERSION or models:/NAME@ALIAS"):
+            resolve_model(uri)  # before any server is asked

@@ -119,3 +119,22 @@ def test_bad_flags_fail_without_importing_torch():
             "print(rc, 'torch' in sys.modules)")  # fmt: skip
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["2", "False"]
+
+
+def test_ingest_reads_the_data_section_alone(tmp_path):
+    """`visionflow ingest --config` takes retrain's file but only its data part: a data set without
+    a validation split may be ingested, and a typo is named with its section."""
+    from cvlib.arguments import section_config
+    from cvlib.data.options import DataConfig
+
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"data": {"val_fraction": 0.0, "min_images_per_class": 3}, "train": {"epochs": 2}}))
+    data = section_config(str(cfg), "data", DataConfig)
+    assert (data.val_fraction, data.min_images_per_class) == (0.0, 3)
+    assert section_config(None, "data", DataConfig) == DataConfig()
+    cfg.write_text(json.dumps({"data": {"val_fractoin": 0.3}}))
+    with pytest.raises(OptionsError, match=r"c.json: data.val_fractoin: extra inputs are not permitted"):
+        section_config(str(cfg), "data", DataConfig)
+    cfg.write_text(json.dumps({"data": 5}))
+    with pytest.raises(OptionsError, match=r"c.json: data: input should be a valid dictionary"):
+        section_config(str(cfg), "data", DataConfig)
