@@ -172,3 +172,16 @@ def test_a_split_folder_linked_from_outside_the_root_is_refused_unread(tmp_path)
     refused = row(manifest, "val")
     assert (refused["status"], refused["reason"]) == ("quarantined", "symlink_outside_root")
     assert not manifest["path"].str.startswith("val/").any()
+
+
+def test_an_unsplit_copy_of_a_given_image_follows_its_split(tmp_path):
+    """A rescaled copy, at the top level, of an image in val/ goes to val, whatever the hash says
+    (val_fraction 0: the hash alone would put it in train, next to its own val original)."""
+    _split_set(tmp_path, ANTS_BEES)
+    copy = picture(10_000 + 2).resize((96, 72), Image.Resampling.BICUBIC)  # val/ants/img_002, rescaled
+    put(tmp_path, "ants/copy.png", encode(copy, "PNG"), fmt="PNG")
+    put(tmp_path, "ants/other.jpg", picture(77_777))
+    manifest, _ = build_manifest(tmp_path, DataConfig(val_fraction=0.0, min_images_per_class=2))
+    assert row(manifest, "ants/copy.png")["split"] == "val"
+    assert row(manifest, "ants/other.jpg")["split"] == "train"
+    assert summarize(manifest)["leakage"]["near_groups"] == 0
