@@ -1,13 +1,19 @@
-"""SimpleCNN on scikit-learn's 1,797 handwritten digits: validation accuracy and wall time on CPU.
+"""SimpleCNN on scikit-learn's 1,797 handwritten digits: held-out test accuracy and wall time on CPU.
 
-Run: ``.venv/bin/python benchmarks/simple_cnn_digits.py`` (target: >= 97% validation top-1 in
-under 120 s of training on 2 CPU cores; ``--recipe cli`` trains with what the CLI flags below
-can set, everything else at visionflow's defaults).
+Run: ``.venv/bin/python benchmarks/simple_cnn_digits.py`` (target: >= 97% top-1 on the held-out
+test split in under 120 s of training on 2 CPU cores; ``--recipe cli`` trains with what the CLI
+flags below can set, everything else at visionflow's defaults).
+
+The figure is the test split's (``--test-fraction``, 15% by default, decided by the content hash
+like the others), measured once on the checkpoint that validation chose. The best validation
+epoch's top-1 is printed too, but it is not the result: picking the best of N epochs on the
+validation set and reporting that same set's accuracy is optimistic by construction.
 
 It calls :func:`cvlib.training.fit.fit` directly (no Prefect, no MLflow), so the figure is the training
 loop's own cost. The data are written exactly as ``visionflow demo-data DIR`` writes them (64 px
-PNGs) and ingested with :func:`cvlib.data.ingest.build_manifest`, so the split is the one the retrain
-flow uses. The nearest the CLI comes:
+PNGs) and ingested with :func:`cvlib.data.ingest.build_manifest`, so the split follows the retrain
+flow's rule (with a test share, which the flow's default leaves at 0; ``test_fraction: 0.15`` in
+the ``data`` section of a ``--config`` file does the same). The nearest the CLI comes:
 
     visionflow retrain DIR --arch simple_cnn --weights none --image-size 32 --epochs 10 \\
         --batch-size 64 --lr 3e-3 --loader-workers 0
@@ -118,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1; 0: torch's own)")
     parser.add_argument("--data", default=None, help="digits folder to use or write (default: a temp folder)")
+    parser.add_argument("--val-fraction", type=float, default=0.2, help="validation share (model selection)")
+    parser.add_argument("--test-fraction", type=float, default=0.15, help="held-out test share (the reported figure)")
     args = parser.parse_args(argv)
 
     import torch
@@ -126,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     from cvlib.data.ingest import build_manifest
     from cvlib.data.manifest import class_names
     from cvlib.data.options import DataConfig
+    from cvlib.training.checkpoint import model_from_checkpoint
+    from cvlib.training.evaluate import evaluate_split
     from cvlib.training.fit import fit
 
     if args.threads:
@@ -138,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         data = Path(args.data) if args.data else Path(tmp) / "digits"
         t0 = time.perf_counter()
         counts = write_digits(data, size=64)
-        manifest, _ = build_manifest(data, DataConfig())
+        manifest, _ = build_manifest(data, DataConfig(val_fraction=args.val_fraction, test_fraction=args.test_fraction))
         names = class_names(manifest)
         ok = manifest[manifest["status"] == "ok"]
         split = ok["split"].value_counts().to_dict()
@@ -157,12 +167,16 @@ def main(argv: list[str] | None = None) -> int:
         result = fit(data_root=data, manifest=manifest, class_names=names, train=config.train,
                      augment=config.augment, out_dir=Path(tmp) / "run", on_epoch=show)
         seconds = time.perf_counter() - t0
+        # The held-out test split, once, on the checkpoint validation chose (fit never looks at it).
+        model, meta = model_from_checkpoint(result.best_checkpoint)
+        test = evaluate_split(model, meta, str(data), manifest, "test", batch_size=256, num_workers=0, device="cpu")
 
     load_after = os.getloadavg()
-    ok_acc, ok_time = result.best_val_top1 >= TARGET_TOP1, seconds < TARGET_SECONDS
-    print(f"\nbest val top-1 {result.best_val_top1:.4f} (epoch {result.best_epoch}/{args.epochs}), "
-          f"training wall time {seconds:.1f}s  [target >= {TARGET_TOP1:.0%} in < {TARGET_SECONDS:.0f}s: "
-          f"{'met' if ok_acc and ok_time else 'NOT met'}]")
+    ok_acc, ok_time = test.top1 >= TARGET_TOP1, seconds < TARGET_SECONDS
+    print(f"\ntest top-1 {test.top1:.4f} on {test.n} held-out images (checkpoint of epoch {result.best_epoch}/{args.epochs}, "
+          f"chosen by validation), training wall time {seconds:.1f}s  [target >= {TARGET_TOP1:.0%} in < "
+          f"{TARGET_SECONDS:.0f}s: {'met' if ok_acc and ok_time else 'NOT met'}]")
+    print(f"(best validation top-1 {result.best_val_top1:.4f}: the selection criterion, optimistic as a result)")
     print(f"load average after: {load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f}")
     return 0 if ok_acc and ok_time else 1
 

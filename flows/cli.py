@@ -60,7 +60,9 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     manifest, skipped = build_manifest(data_dir, data_config, previous=args.out)
     write_manifest(manifest, args.out, metadata={"visionflow.dataset_hash": dataset_hash(manifest)})
     summary = summarize(manifest) | {"skipped": skipped}
-    print(json.dumps({k: summary[k] for k in ("files", "ok", "duplicates", "quarantined", "classes", "reasons", "skipped")}, indent=2))
+    print(summary["layout"]["note"])
+    keys = ("files", "ok", "duplicates", "quarantined", "classes", "splits", "reasons", "skipped", "leakage")
+    print(json.dumps({k: summary[k] for k in keys}, indent=2))
     print(f"manifest: {Path(args.out).resolve()} ({time.perf_counter() - t0:.1f}s)")
     return 0
 

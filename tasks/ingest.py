@@ -34,6 +34,9 @@ def ingest(data_dir: str, manifest_path: str, config: DataConfig) -> IngestResul
         "ingested %s: %d files, %d usable, %d duplicates, %d quarantined, %d classes",
         data_dir, summary["files"], summary["ok"], summary["duplicates"], summary["quarantined"], summary["classes"],
     )
+    logger.info("%s", summary["layout"]["note"])
+    if summary["leakage"]["exact"] or summary["leakage"]["near_groups"]:
+        logger.warning("leakage across splits: %s", summary["leakage"])
     # Fail after the manifest and the artifact exist, so a person can see why.
     check_trainable(manifest, config)
     return IngestResult(
@@ -50,6 +53,8 @@ def _markdown(data_dir: str, summary: dict, manifest) -> str:
     lines = [
         f"# Ingestion of `{data_dir}`",
         "",
+        summary["layout"]["note"],
+        "",
         "| files | usable | duplicates | quarantined | classes | imbalance |",
         "|---|---|---|---|---|---|",
         f"| {summary['files']} | {summary['ok']} | {summary['duplicates']} | {summary['quarantined']} | {summary['classes']} | {summary['imbalance_ratio']:.2f} |",
@@ -61,6 +66,10 @@ def _markdown(data_dir: str, summary: dict, manifest) -> str:
     ]
     for label, splits in summary["per_class"].items():
         lines.append(f"| {label} | {splits.get('train', 0)} | {splits.get('val', 0)} | {splits.get('test', 0)} |")
+    leak = summary["leakage"]
+    if leak["exact"] or leak["near_groups"]:
+        lines += ["", f"**Leakage across splits**: {leak['exact']} exact copies, {leak['near_groups']} near-duplicate groups", ""]
+        lines += [f"- `{e}`" for e in leak["examples"]]
     bad = manifest[manifest["status"] == "quarantined"]
     if len(bad):
         lines += ["", "## Quarantined", "", "| path | reason |", "|---|---|"]

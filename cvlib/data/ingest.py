@@ -6,7 +6,10 @@ else ``quarantined`` with a ``reason`` (a code, see :data:`cvlib.data.verdicts.R
 message). Other files (hidden ones, notes, sidecars) are counted, not listed.
 
 Splits come from the content hash, so an image keeps its split as the data set grows and a
-byte-identical copy can never sit on both sides of the train/val boundary. Near-duplicates
+byte-identical copy can never sit on both sides of the train/val boundary. A folder laid out by
+split (``train/CLASS``, ``val/CLASS``: :mod:`cvlib.data.layout`) keeps the split it gives; the
+hash decides only for the files outside split folders (and carves val out of train when no val
+folder is given), and the summary reports leakage across the given splits. Near-duplicates
 (the same picture re-encoded, resized or lightly edited, found by a perceptual hash) are split
 by their group's key for the same reason.
 
@@ -143,5 +146,6 @@ def build_manifest(
         [r for r in records if r is not None],
         cfg,
         near_duplicate_distance=near_duplicate_distance if near_duplicates else None,
+        given_splits={e.path: e.split for e in entries if e.split is not None},
     )
     return manifest, skipped

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +38,7 @@ MANIFEST_SCHEMA = pa.schema(
         ("n_frames", pa.int32()),
         ("phash", pa.string()),  # 16 hex digits, null when not computed or not an image
         ("split", pa.string()),  # null for quarantined files
+        ("given_split", pa.string()),  # the split its split folder gives (train/val/test); null: none
         ("status", pa.string()),
         ("reason", pa.string()),
         ("detail", pa.string()),  # the human-readable message behind ``reason``
@@ -87,12 +88,17 @@ class _Verdicts:
 
 
 def records_to_manifest(
-    records: Iterable[FileRecord], cfg: DataConfig, *, near_duplicate_distance: int | None = NEAR_DUPLICATE_DISTANCE
+    records: Iterable[FileRecord],
+    cfg: DataConfig,
+    *,
+    near_duplicate_distance: int | None = NEAR_DUPLICATE_DISTANCE,
+    given_splits: Mapping[str, str] | None = None,
 ) -> pd.DataFrame:
     """Turn per-file records into the manifest: label conflicts, duplicates, near-duplicate
     groups, splits and class indices (everything that depends on more than one file).
 
     ``near_duplicate_distance`` None: no near-duplicate grouping (each file's key is its hash).
+    ``given_splits``: path -> split for files in split folders (see :mod:`cvlib.data.layout`).
     """
     records = list(records)
     v = _Verdicts.of(records)
@@ -100,8 +106,9 @@ def records_to_manifest(
     order = sorted(range(len(records)), key=lambda i: nfc(v.path[i]))  # the manifest's row order
     _mark_exact_duplicates(v, order)
     key = v.sha.copy() if near_duplicate_distance is None else _group_near_duplicates(v, near_duplicate_distance)
-    split = assign_splits(v.status, v.sha, key, cfg)
-    return _frame(records, v, split, order)
+    given = _objects([(given_splits or {}).get(p) for p in v.path])
+    split = assign_splits(v.status, v.sha, key, cfg, given=given)
+    return _frame(records, v, split, order, given)
 
 
 def _mark_label_conflicts(v: _Verdicts) -> None:
@@ -151,7 +158,9 @@ def _group_near_duplicates(v: _Verdicts, distance: int) -> np.ndarray:
     return key
 
 
-def _frame(records: list[FileRecord], v: _Verdicts, split: np.ndarray, order: list[int]) -> pd.DataFrame:
+def _frame(
+    records: list[FileRecord], v: _Verdicts, split: np.ndarray, order: list[int], given: np.ndarray
+) -> pd.DataFrame:
     """The manifest's table: rows in ``order``, columns in schema order, class indices by name."""
     classes = sorted({lab for lab, s in zip(v.label, v.status, strict=True) if s == "ok"})
     index = {c: i for i, c in enumerate(classes)}
@@ -165,6 +174,7 @@ def _frame(records: list[FileRecord], v: _Verdicts, split: np.ndarray, order: li
         "mode": _objects([r.mode for r in records]),
         "phash": v.phash,
         "split": split,
+        "given_split": given,
         "status": v.status,
         "reason": v.reason,
         "detail": v.detail,

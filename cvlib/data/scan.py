@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import os
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from cvlib.data.imageio import claims_image
+from cvlib.data.layout import detect_layout
 from cvlib.data.verdicts import DataSetError, nfc
 
 
@@ -26,6 +27,7 @@ class ScanEntry:
     mtime_ns: int = 0
     reason: str | None = None
     detail: str | None = None
+    split: str | None = None  # given by a split folder (cvlib.data.layout); None: decided by content
 
 
 def _printable(s: str) -> str:
@@ -56,6 +58,10 @@ def scan_folder(root: str | os.PathLike[str]) -> tuple[list[ScanEntry], dict[str
     data folder cannot be used to pull arbitrary files (``/etc/...``, another user's data) into
     a training set. The order is by Unicode NFC path, so it does not depend on the file
     system's directory order or its normalisation.
+
+    A folder laid out by split (``train/CLASS/...``, ``val/CLASS/...``, see
+    :mod:`cvlib.data.layout`) is read as classes inside splits: each entry's ``split`` is the one
+    its folder gives, and its path keeps the split folder (``train/ants/1.jpg``).
     """
     root = Path(root)
     if not root.is_dir():
@@ -63,29 +69,47 @@ def scan_folder(root: str | os.PathLike[str]) -> tuple[list[ScanEntry], dict[str
     real_root = os.path.realpath(root)
     skipped = {"hidden": 0, "non_image": 0, "outside_class": 0, "symlink_loop": 0, "empty_class": 0}
     entries: list[ScanEntry] = []
+    layout = detect_layout(root)
 
     for top in sorted(os.scandir(root), key=lambda e: nfc(e.name)):
-        name = top.name
-        if name.startswith("."):
-            skipped["hidden"] += 1
+        split = layout.split_folders.get(top.name)
+        if split is None:
+            _scan_class(top, "", None, real_root, entries, skipped)
             continue
-        label = nfc(name) if _encodable(name) else _printable(name)
         real = os.path.realpath(top.path)
-        if top.is_symlink() and os.path.isdir(real) and not _inside(real, real_root):
-            entries.append(
-                ScanEntry(label, label, reason="symlink_outside_root", detail=f"class folder links to {real}")
-            )
+        if not _inside(real, real_root):  # a split folder linked from elsewhere: refused like a class folder
+            entries.append(ScanEntry(top.name, top.name, reason="symlink_outside_root", detail=f"split folder links to {real}"))
             continue
-        if not top.is_dir():  # follows links: a link to a folder inside the root is a class
-            skipped["outside_class"] += 1
-            continue
-        before = len(entries)
-        _walk_class(top.path, name, label, frozenset({real_root, real}), real_root, entries, skipped)
-        if len(entries) == before:
-            skipped["empty_class"] += 1
+        for child in sorted(os.scandir(top.path), key=lambda e: nfc(e.name)):
+            _scan_class(child, f"{top.name}/", split, real_root, entries, skipped)
 
     entries.sort(key=lambda e: nfc(e.path))
     return entries, skipped
+
+
+def _scan_class(
+    top: os.DirEntry, prefix: str, split: str | None, real_root: str, entries: list[ScanEntry], skipped: dict[str, int]
+) -> None:
+    """One class folder (``prefix`` + name, relative to the root); its files take ``split`` as given."""
+    name = top.name
+    if name.startswith("."):
+        skipped["hidden"] += 1
+        return
+    label = nfc(name) if _encodable(name) else _printable(name)
+    rel = f"{prefix}{name}" if _encodable(name) else f"{prefix}{label}"
+    real = os.path.realpath(top.path)
+    if top.is_symlink() and os.path.isdir(real) and not _inside(real, real_root):
+        entries.append(ScanEntry(rel, label, reason="symlink_outside_root", detail=f"class folder links to {real}", split=split))
+        return
+    if not top.is_dir():  # follows links: a link to a folder inside the root is a class
+        skipped["outside_class"] += 1
+        return
+    before = len(entries)
+    _walk_class(top.path, f"{prefix}{name}", label, frozenset({real_root, real}), real_root, entries, skipped)
+    if len(entries) == before:
+        skipped["empty_class"] += 1
+    elif split is not None:
+        entries[before:] = [replace(e, split=split) for e in entries[before:]]
 
 
 def _walk_class(

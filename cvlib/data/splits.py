@@ -14,6 +14,18 @@ import numpy as np
 from cvlib.data.options import DataConfig
 
 
+def _uniform(key: str, cfg: DataConfig) -> float:
+    return int.from_bytes(hashlib.sha256(f"{cfg.split_salt}:{key}".encode()).digest()[:8], "big") / 2**64
+
+
+def _split_of(u: float, test_fraction: float, val_fraction: float) -> str:
+    if u < test_fraction:
+        return "test"
+    if u < test_fraction + val_fraction:
+        return "val"
+    return "train"
+
+
 def split_for(sha256: str, cfg: DataConfig) -> str:
     """Deterministic split from content: a uniform number in [0, 1) per (salt, hash).
 
@@ -21,24 +33,47 @@ def split_for(sha256: str, cfg: DataConfig) -> str:
     as images are added, and stratified in expectation: every class gets the configured
     fractions independently (exactly only in the limit; a class of 5 images may get no val).
     """
-    u = int.from_bytes(hashlib.sha256(f"{cfg.split_salt}:{sha256}".encode()).digest()[:8], "big") / 2**64
-    if u < cfg.test_fraction:
-        return "test"
-    if u < cfg.test_fraction + cfg.val_fraction:
-        return "val"
-    return "train"
+    return _split_of(_uniform(sha256, cfg), cfg.test_fraction, cfg.val_fraction)
 
 
-def assign_splits(status: np.ndarray, sha: np.ndarray, key: np.ndarray, cfg: DataConfig) -> np.ndarray:
+def carve_from_train(key: str, cfg: DataConfig, given: frozenset[str]) -> str:
+    """The split of a file its folder puts in train: train, unless a split no folder gives (no
+    ``val/`` folder, say) is taken out of train by the content hash at its configured fraction.
+    The same uniform number as :func:`split_for`, so the rule is the same one."""
+    return _split_of(
+        _uniform(key, cfg), 0.0 if "test" in given else cfg.test_fraction, 0.0 if "val" in given else cfg.val_fraction
+    )
+
+
+def assign_splits(
+    status: np.ndarray, sha: np.ndarray, key: np.ndarray, cfg: DataConfig, given: np.ndarray | None = None
+) -> np.ndarray:
     """The split of every row: a usable file's comes from its key; an exact duplicate takes the
-    split of the copy that was kept (the same bytes, so the same key); a quarantined file none."""
+    split of the copy that was kept (the same bytes, so the same key); a quarantined file none.
+
+    ``given`` (per row, None outside split folders): the split a split folder gives. Such a file
+    keeps it (train may lose a share to a split no folder gives, see :func:`carve_from_train`).
+    A file outside the split folders whose near-duplicate group has a member with a given split
+    follows that member (the first in row order), so the hash never puts a copy of a val image in
+    train; otherwise its key decides as usual.
+    """
     n = len(status)
-    ok = status == "ok"
-    key_of_sha = {sha[i]: key[i] for i in np.flatnonzero(ok)}
+    given = np.full(n, None, dtype=object) if given is None else given
+    present = frozenset(g for g in given if g is not None)
+    used = (status == "ok") | (status == "duplicate")
     split = np.full(n, None, dtype=object)
-    for i in range(n):
-        if status[i] == "ok":
-            split[i] = split_for(key[i], cfg)
-        elif status[i] == "duplicate":
-            split[i] = split_for(key_of_sha.get(sha[i], sha[i]), cfg)
+    follow: dict[str, str] = {}
+    for i in np.flatnonzero(used):
+        if given[i] is not None:
+            split[i] = carve_from_train(key[i], cfg, present) if given[i] == "train" else given[i]
+            follow.setdefault(key[i], split[i])
+    for i in np.flatnonzero(status == "ok"):
+        if split[i] is None:
+            split[i] = follow.get(key[i]) or split_for(key[i], cfg)
+    split_of_sha: dict[str, str] = {}
+    for i in np.flatnonzero(status == "ok"):
+        split_of_sha.setdefault(sha[i], split[i])
+    for i in np.flatnonzero(status == "duplicate"):
+        if split[i] is None:  # outside the split folders: the kept copy's split (same bytes, same key)
+            split[i] = split_of_sha.get(sha[i]) or follow.get(key[i]) or split_for(key[i], cfg)
     return split
