@@ -58,8 +58,8 @@ def digits_dir(session_root: Path) -> Path:
     return out
 
 
-def _start_mlflow(root: Path, backend_uri: str, name: str):
-    port = servers.free_port()
+def mlflow_command(root: Path, backend_uri: str, name: str, port: int) -> tuple[list[str], str]:
+    """The `mlflow server` command line for a store and a port, and its URL."""
     artifacts = root / f"{name}-artifacts"
     artifacts.mkdir(parents=True, exist_ok=True)
     cmd = [
@@ -68,7 +68,11 @@ def _start_mlflow(root: Path, backend_uri: str, name: str):
         "--artifacts-destination", str(artifacts),
         "--host", servers.LOOPBACK, "--port", str(port), "--workers", "1",
     ]
-    url = f"http://{servers.LOOPBACK}:{port}"
+    return cmd, f"http://{servers.LOOPBACK}:{port}"
+
+
+def _start_mlflow(root: Path, backend_uri: str, name: str):
+    cmd, url = mlflow_command(root, backend_uri, name, servers.free_port())
     return servers.running(cmd, env=_server_env(), health_url=f"{url}/health", log=root / f"{name}.log"), url
 
 
@@ -97,14 +101,19 @@ def mlflow_server_postgres(session_root: Path, postgres_url: str):
         yield url
 
 
-def _start_prefect(root: Path, name: str, **extra_env: str):
-    port = servers.free_port()
+def prefect_command(root: Path, name: str, port: int, **extra_env: str) -> tuple[list[str], dict[str, str], str]:
+    """The `prefect server start` command line, environment and API URL for a home and a port
+    (its SQLite database lives in the home unless ``extra_env`` names another)."""
     home = root / f"{name}-home"
     home.mkdir(parents=True, exist_ok=True)
     env = _server_env(PREFECT_HOME=str(home), PREFECT_UI_ENABLED="false", **extra_env)
     env.pop("PREFECT_API_URL", None)
     cmd = [str(BIN / "prefect"), "server", "start", "--host", servers.LOOPBACK, "--port", str(port)]
-    url = f"http://{servers.LOOPBACK}:{port}/api"
+    return cmd, env, f"http://{servers.LOOPBACK}:{port}/api"
+
+
+def _start_prefect(root: Path, name: str, **extra_env: str):
+    cmd, env, url = prefect_command(root, name, servers.free_port(), **extra_env)
     return servers.running(cmd, env=env, health_url=f"{url}/health", log=root / f"{name}.log"), url
 
 

@@ -101,3 +101,37 @@ def drop_postgres_database(url: str) -> None:
     with conn.cursor() as cur:
         cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     conn.close()
+
+
+class Restartable:
+    """A server a test stops and starts again: same command, so the same port and store.
+
+    Used as a context manager (started on entry, stopped on exit even when the test fails);
+    the log file is appended to across restarts.
+    """
+
+    def __init__(self, cmd: list[str], *, env: dict[str, str], health_url: str, log: Path, timeout: float = 180) -> None:
+        self.cmd, self.env, self.health_url, self.log, self.timeout = cmd, env, health_url, log, timeout
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        wait_http(self.health_url, self.timeout, self.proc, self.log)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop(self.proc)
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group: the server vanishes without a goodbye."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+    def __enter__(self) -> Restartable:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

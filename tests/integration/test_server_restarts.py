@@ -1,0 +1,123 @@
+"""Servers that go away mid-run: the MLflow server stopped during training.
+
+A test that kills a server starts its own, on its own free port with its own SQLite file, so
+killing it disturbs no other test, and restarts it on the same port with the same store, as an
+operator restarting a service would. The outage is short here (``VISIONFLOW_TEST_MLFLOW_OUTAGE_S``,
+default 3 s, plus the server's start-up time); set it to 20 to run the issue's 20-second outage.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from cvlib.data.ingest import build_manifest
+from cvlib.data.manifest import class_names, dataset_hash, write_manifest
+from cvlib.data.options import DataConfig
+from tests import servers
+from tests.conftest import _server_env, mlflow_client, mlflow_command
+from tests.integration.support import small_config
+
+pytestmark = pytest.mark.slow
+
+EPOCHS = 6
+KILL_AFTER_EPOCH = 2
+
+
+@pytest.fixture
+def ingested(digits_dir: Path, tmp_path: Path):
+    """The digits folder's manifest, written without the Prefect task (no API needed)."""
+    from tasks.records import IngestResult
+
+    manifest, _ = build_manifest(digits_dir, DataConfig(), near_duplicates=False)
+    path = tmp_path / "manifest.parquet"
+    write_manifest(manifest, path)
+    return IngestResult(data_dir=str(digits_dir), manifest_path=str(path), dataset_hash=dataset_hash(manifest),
+                        class_names=class_names(manifest), summary={})
+
+
+@pytest.fixture
+def own_mlflow(tmp_path: Path, use_mlflow):
+    """A real MLflow server (SQLite) this test may kill and restart on the same port."""
+    cmd, url = mlflow_command(tmp_path, f"sqlite:///{tmp_path / 'mlflow.db'}", "mlflow-restart", servers.free_port())
+    with servers.Restartable(cmd, env=_server_env(), health_url=f"{url}/health", log=tmp_path / "mlflow.log") as server:
+        use_mlflow(url)
+        yield server, url
+
+
+def test_mlflow_stopped_during_training_loses_no_metric(ingested, own_mlflow, tmp_path, monkeypatch):
+    """The server is killed after epoch 2 and restarted later: training goes on meanwhile, and the
+    run's history has every epoch of every metric, in order, once the server is back."""
+    from tasks.registry import start_run
+    from tasks.tracking import MetricLogger
+    from tasks.train import METRICS_SPOOL, fine_tune
+
+    server, url = own_mlflow
+    outage = float(os.environ.get("VISIONFLOW_TEST_MLFLOW_OUTAGE_S", "3"))
+    config = small_config(f"restart-{uuid.uuid4().hex[:8]}", arch="simple_cnn")
+    config.train.epochs = EPOCHS
+    run_id = start_run.fn(config, ingested)
+
+    down: dict[str, float] = {}
+    logged_at: dict[int, float] = {}
+    restarter = threading.Thread(target=lambda: (time.sleep(outage), server.start(), down.update(back=time.monotonic())))
+    real_log = MetricLogger.log
+
+    def log(self, metrics, step=None):
+        real_log(self, metrics, step)
+        logged_at[step] = time.monotonic()
+        if step == KILL_AFTER_EPOCH:
+            server.kill()
+            down["at"] = time.monotonic()
+            restarter.start()
+        time.sleep(0.5)  # epochs of a few tenths of a second: long enough to fall inside the outage
+
+    monkeypatch.setattr(MetricLogger, "log", log)
+    try:
+        result = fine_tune.fn(ingested, config, str(tmp_path / "checkpoints"), run_id)
+    finally:
+        if restarter.is_alive():
+            restarter.join()
+
+    assert [h["epoch"] for h in result.history] == list(range(1, EPOCHS + 1))
+    during = [e for e, t in logged_at.items() if down["at"] <= t < down["back"]]
+    print(f"MLflow away {down['back'] - down['at']:.1f}s; epochs finished meanwhile: {sorted(during)}")
+    assert len(during) >= 2, f"training waited for the server: epochs {sorted(logged_at)}, outage {down}"
+    c = mlflow_client(url)
+    for key in ("train_loss", "val_loss", "val_top1", "lr"):
+        history = sorted(c.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
+        assert [m.step for m in history] == list(range(1, EPOCHS + 1)), key
+    times = [m.timestamp for m in sorted(c.get_metric_history(run_id, "train_loss"), key=lambda m: m.step)]
+    assert times == sorted(times)  # stamped when measured, not when delivered
+    assert not (tmp_path / "checkpoints" / METRICS_SPOOL).exists()
+
+
+def test_metrics_unsent_at_the_end_wait_in_the_spool_for_the_next_attempt(mlflow_server, use_mlflow, ingested, tmp_path):
+    """The server is still away when training ends (here: its address answers nothing): the
+    error says where the metrics are, and the next attempt, which resumes from the checkpoint,
+    delivers them first, in order."""
+    from tasks.registry import start_run
+    from tasks.tracking import MetricLogger, MetricsNotDelivered
+
+    use_mlflow(mlflow_server)
+    run_id = start_run.fn(small_config(f"spool-{uuid.uuid4().hex[:8]}", arch="simple_cnn"), ingested)
+    spool = tmp_path / "unsent.jsonl"
+    use_mlflow(f"http://{servers.LOOPBACK}:{servers.free_port()}")  # nothing listens there
+    first = MetricLogger(run_id, spool=spool, flush_timeout=1.0)
+    first.log({"train_loss": 0.5}, step=1)
+    first.log({"train_loss": 0.25}, step=2)
+    with pytest.raises(MetricsNotDelivered, match=str(spool)):
+        first.close()
+    assert len(spool.read_text().splitlines()) == 2
+
+    use_mlflow(mlflow_server)
+    with MetricLogger(run_id, spool=spool) as second:
+        second.log({"train_loss": 0.125}, step=3)
+    history = sorted(mlflow_client(mlflow_server).get_metric_history(run_id, "train_loss"), key=lambda m: m.step)
+    assert [(m.step, m.value) for m in history] == [(1, 0.5), (2, 0.25), (3, 0.125)]
+    assert not spool.exists()
