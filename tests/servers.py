@@ -10,6 +10,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -83,7 +84,7 @@ def create_postgres_database(prefix: str) -> str:
     """A fresh database on the local PostgreSQL (trust auth); returns its SQLAlchemy URL."""
     import psycopg2
 
-    name = f"{prefix}_{os.getpid()}_{int(time.time() * 1000) % 10**9}"
+    name = f"{prefix}_{uuid.uuid4().hex}"
     conn = psycopg2.connect(host=LOOPBACK, port=5432, user="postgres", dbname="postgres")
     conn.autocommit = True
     with conn.cursor() as cur:

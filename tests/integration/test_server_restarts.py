@@ -20,7 +20,7 @@ from cvlib.data.ingest import build_manifest
 from cvlib.data.manifest import class_names, dataset_hash, write_manifest
 from cvlib.data.options import DataConfig
 from tests import servers
-from tests.conftest import _server_env, mlflow_client, mlflow_command
+from tests.conftest import BIN, _server_env, mlflow_client, mlflow_command
 from tests.integration.support import small_config
 
 pytestmark = pytest.mark.slow
@@ -121,3 +121,102 @@ def test_metrics_unsent_at_the_end_wait_in_the_spool_for_the_next_attempt(mlflow
     history = sorted(mlflow_client(mlflow_server).get_metric_history(run_id, "train_loss"), key=lambda m: m.step)
     assert [(m.step, m.value) for m in history] == [(1, 0.5), (2, 0.25), (3, 0.125)]
     assert not spool.exists()
+
+
+# --------------------------------------------------------------------------- Prefect server restarted
+
+RETRAIN_WITH_MARKS = """
+import sys, time
+from pathlib import Path
+
+import tasks.tracking as tracking
+from prefect.runtime import flow_run
+
+data_dir, name, marks, epochs, pause = sys.argv[1], sys.argv[2], Path(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
+real_log = tracking.MetricLogger.log
+
+def log(self, metrics, step=None):  # each finished epoch leaves a mark, then the next one waits a little
+    real_log(self, metrics, step)
+    (marks / f"epoch-{step}").write_text(str(flow_run.id))
+    time.sleep(pause)
+
+tracking.MetricLogger.log = log
+from flows.retrain import retrain
+from tests.integration.support import small_config
+
+config = small_config(name, arch="simple_cnn")
+config.train.epochs = epochs
+result = retrain(data_dir=data_dir, config=config, output_dir=str(marks / "run"))
+print("VERSION", result.version)
+"""
+
+
+def _wait_for(path: Path, timeout: float, proc, log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"the flow ended before {path.name}:\n{log.read_text()[-3000:]}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no {path.name} within {timeout}s")
+        time.sleep(0.2)
+
+
+def test_prefect_server_restarted_during_a_retrain(digits_dir, mlflow_server, tmp_path):
+    """The Prefect server (SQLite) is killed after the first epoch and started again on the same
+    port. The flow either finishes (the client retries its calls: PREFECT_CLIENT_MAX_RETRIES=5
+    with 2, 4, 8... s backoff, ConnectError included once a client has connected), or it ends
+    crashed and `prefect flow-run retry` resumes it from the checkpoint, training no finished
+    epoch again. Either way the model is registered and the server shows the run completed."""
+    import subprocess
+    import sys
+
+    from prefect import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from cvlib.training.checkpoint import load_checkpoint
+    from tests.conftest import prefect_command
+
+    epochs = 4
+    cmd, env, url = prefect_command(tmp_path, "prefect-restart", servers.free_port())
+    name = f"prefect-restart-{uuid.uuid4().hex[:8]}"
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    root = Path(__file__).parents[2]
+    flow_env = _server_env(PREFECT_API_URL=url, MLFLOW_TRACKING_URI=mlflow_server, MLFLOW_REGISTRY_URI=mlflow_server,
+                           PYTHONPATH=str(root))  # fmt: skip
+    with servers.Restartable(cmd, env=env, health_url=f"{url}/health", log=tmp_path / "prefect.log") as server:
+        flow_log = tmp_path / "flow.log"
+        with open(flow_log, "w") as log:
+            proc = subprocess.Popen([sys.executable, "-c", RETRAIN_WITH_MARKS, str(digits_dir), name, str(marks), str(epochs), "1.5"],
+                                    env=flow_env, cwd=root, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+        try:
+            _wait_for(marks / "epoch-1", 600, proc, flow_log)
+            server.kill()
+            time.sleep(2)
+            server.start()
+            proc.wait(timeout=600)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        out = flow_log.read_text()
+        flow_run_id = (marks / "epoch-1").read_text()
+        first = load_checkpoint(marks / "run" / "checkpoints" / "last.pt")["history"]
+
+        with temporary_settings(updates={PREFECT_API_URL: url}), get_client(sync_client=True) as client:
+            state = client.read_flow_run(flow_run_id).state
+        print(f"after the restart: exit {proc.returncode}, flow run {state.type.value}")
+        if not state.is_completed():  # crashed or failed: the operator retries it
+            assert state.is_final(), f"{state.type.value}: neither finished nor marked crashed\n{out[-3000:]}"
+            retry = subprocess.run([str(BIN / "prefect"), "flow-run", "retry", flow_run_id, "--entrypoint", "flows/retrain.py:retrain"],
+                                   env=flow_env, cwd=root, capture_output=True, text=True, timeout=600)  # fmt: skip
+            assert retry.returncode == 0, retry.stdout[-3000:] + retry.stderr[-3000:]
+            with temporary_settings(updates={PREFECT_API_URL: url}), get_client(sync_client=True) as client:
+                state = client.read_flow_run(flow_run_id).state
+        else:
+            assert proc.returncode == 0 and "VERSION 1" in out, out[-3000:]
+        assert state.is_completed()
+
+    final = load_checkpoint(marks / "run" / "checkpoints" / "last.pt")
+    assert final["epoch"] == epochs
+    assert final["history"][: len(first)] == first, "a finished epoch was trained again"
+    assert len(mlflow_client(mlflow_server).search_model_versions(f"name = '{name}'")) == 1
