@@ -84,6 +84,16 @@ def _mlflow_sender(run_id: str) -> Callable[[list[PendingMetric]], None]:
     return send
 
 
+def _refused(exc: BaseException) -> bool:
+    """An HTTP 4xx answer other than timeout / too many requests: the server is there and says no."""
+    from mlflow.exceptions import MlflowException
+
+    if not isinstance(exc, MlflowException):
+        return False
+    status = exc.get_http_status_code()
+    return 400 <= status < 500 and status not in (408, 429)
+
+
 class MetricLogger:
     """Buffered, retried, ordered metric logging into one MLflow run (see the module doc).
 
@@ -105,6 +115,7 @@ class MetricLogger:
         self._wake = threading.Condition(self._lock)
         self._closing = False
         self._stopped = False  # set by close() when it stops waiting
+        self._refusal: BaseException | None = None  # a permanent error: the sender stopped
         self._failing_since: float | None = None
         self._last_error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name=f"visionflow-metrics-{run_id[:8]}", daemon=True)
@@ -132,7 +143,7 @@ class MetricLogger:
         with self._wake:
             self._closing = True
             self._wake.notify()
-            while self._pending and time.monotonic() < deadline:
+            while self._pending and self._refusal is None and time.monotonic() < deadline:
                 self._wake.wait(min(1.0, max(0.0, deadline - time.monotonic())))
             left, error = len(self._pending), self._last_error
             self._stopped = True
@@ -172,6 +183,12 @@ class MetricLogger:
             try:
                 self._send(batch)
             except Exception as exc:  # noqa: BLE001 - any failure to deliver means: keep it and retry
+                if _refused(exc):  # the server answered "no" (a deleted run, a bad value): retrying cannot help
+                    with self._wake:
+                        self._last_error, self._refusal = exc, exc
+                        self._wake.notify_all()
+                    run_logger().error("MLflow refused metrics of run %s: %s", self.run_id, exc)
+                    return
                 self._failed(exc)
                 with self._wake:
                     self._wake.wait_for(lambda: self._stopped, timeout=delay)

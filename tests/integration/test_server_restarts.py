@@ -122,6 +122,14 @@ def test_metrics_unsent_at_the_end_wait_in_the_spool_for_the_next_attempt(mlflow
     assert [(m.step, m.value) for m in history] == [(1, 0.5), (2, 0.25), (3, 0.125)]
     assert not spool.exists()
 
+    # A server that answers "no" (here: no such run) is not retried for the whole flush timeout.
+    refused = MetricLogger("0" * 32, flush_timeout=300)
+    refused.log({"train_loss": 1.0}, step=1)
+    started = time.monotonic()
+    with pytest.raises(MetricsNotDelivered, match="0{32}"):
+        refused.close()
+    assert time.monotonic() - started < 60
+
 
 # --------------------------------------------------------------------------- Prefect server restarted
 
