@@ -14,6 +14,10 @@ from cvlib.data.manifest import read_manifest
 from tasks.log import run_logger
 from tasks.records import IngestResult, TrainResult, Validation
 from tasks.registry import log_artifact, log_artifacts, log_metrics, set_run_tag, system_metrics
+from tasks.tracking import MetricLogger
+
+# Unsent per-epoch metrics wait here, beside the checkpoints, for the attempt that resumes them.
+METRICS_SPOOL = "unsent-metrics.jsonl"
 
 
 # Tagged "gpu": `prefect concurrency-limit create gpu 1` keeps one training per machine or pool.
@@ -28,14 +32,18 @@ def fine_tune(ingest: IngestResult, config: RetrainConfig, checkpoint_dir: str, 
     manifest = read_manifest(ingest.manifest_path)
     _log_augmentation_preview(ingest.data_dir, manifest, config, checkpoint_dir, run_id)
 
+    # Buffered and retried in the background: an MLflow server that is away never stops training,
+    # and leaving the block waits for every metric to be delivered before the run goes on.
+    metrics = MetricLogger(run_id, spool=Path(checkpoint_dir) / METRICS_SPOOL)
+
     def on_epoch(record: EpochRecord) -> None:
-        log_metrics(run_id, {k: v for k, v in asdict(record).items() if k != "epoch"}, step=record.epoch)
+        metrics.log({k: v for k, v in asdict(record).items() if k != "epoch"}, step=record.epoch)
         logger.info(
             "epoch %d: train_loss %.4f val_loss %.4f val_top1 %.4f (%.1fs)",
             record.epoch, record.train_loss, record.val_loss, record.val_top1, record.seconds,
         )
 
-    with system_metrics(run_id, config.log_system_metrics):
+    with metrics, system_metrics(run_id, config.log_system_metrics):
         result = fit(
             data_root=ingest.data_dir,
             manifest=manifest,

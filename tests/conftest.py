@@ -58,8 +58,8 @@ def digits_dir(session_root: Path) -> Path:
     return out
 
 
-def _start_mlflow(root: Path, backend_uri: str, name: str):
-    port = servers.free_port()
+def mlflow_command(root: Path, backend_uri: str, name: str, port: int) -> tuple[list[str], str]:
+    """The `mlflow server` command line for a store and a port, and its URL."""
     artifacts = root / f"{name}-artifacts"
     artifacts.mkdir(parents=True, exist_ok=True)
     cmd = [
@@ -68,7 +68,11 @@ def _start_mlflow(root: Path, backend_uri: str, name: str):
         "--artifacts-destination", str(artifacts),
         "--host", servers.LOOPBACK, "--port", str(port), "--workers", "1",
     ]
-    url = f"http://{servers.LOOPBACK}:{port}"
+    return cmd, f"http://{servers.LOOPBACK}:{port}"
+
+
+def _start_mlflow(root: Path, backend_uri: str, name: str):
+    cmd, url = mlflow_command(root, backend_uri, name, servers.free_port())
     return servers.running(cmd, env=_server_env(), health_url=f"{url}/health", log=root / f"{name}.log"), url
 
 
@@ -80,13 +84,65 @@ def mlflow_server(session_root: Path):
         yield url
 
 
-@pytest.fixture(scope="session")
-def postgres_url():
+# --------------------------------------------------------------------------- PostgreSQL
+#
+# PostgreSQL answers on 127.0.0.1:5432 on the development and CI machines. Every test that needs
+# it carries the ``postgres`` marker (added at collection, see pytest_collection_modifyitems) and
+# is skipped, saying why, only where nothing answers there.
+#
+# Isolation, and what it costs: a test that talks to a store itself gets its own database
+# (``fresh_postgres_db``: CREATE DATABASE visionflow_test_<uuid>, dropped after the test, well
+# under a second). A test that needs a *server* on PostgreSQL shares the session's server, each
+# on its own database: starting an MLflow or Prefect server per test costs 10-15 s (much more on
+# a busy machine), so those tests isolate themselves by unique experiment and model names instead,
+# as they do on the SQLite servers.
+
+POSTGRES_FIXTURES = {"postgres_url", "fresh_postgres_db", "mlflow_server_postgres", "prefect_server_postgres", "prefect_postgres_url"}
+
+
+def _postgres_or_skip() -> None:
     if not servers.postgres_available():
         pytest.skip("PostgreSQL does not answer on 127.0.0.1:5432")
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A database of the session, for the session's MLflow server on PostgreSQL."""
+    _postgres_or_skip()
     url = servers.create_postgres_database("visionflow_test")
     yield url
     servers.drop_postgres_database(url)
+
+
+@pytest.fixture(scope="session")
+def prefect_postgres_url():
+    """Another database of the session, for the Prefect server: MLflow and Prefect both keep
+    their schema version in an ``alembic_version`` table, so they cannot share one."""
+    _postgres_or_skip()
+    url = servers.create_postgres_database("visionflow_test")
+    yield url
+    servers.drop_postgres_database(url)
+
+
+@pytest.fixture
+def fresh_postgres_db():
+    """A new, empty database for one test (``visionflow_test_<uuid>``), dropped afterwards even
+    when the test fails; yields its SQLAlchemy URL (psycopg2 driver)."""
+    _postgres_or_skip()
+    url = servers.create_postgres_database("visionflow_test")
+    try:
+        yield url
+    finally:
+        servers.drop_postgres_database(url)
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Mark every test that needs PostgreSQL ``postgres``: those using a PostgreSQL fixture, and
+    the PostgreSQL half of tests parametrized over the backends."""
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if POSTGRES_FIXTURES & set(getattr(item, "fixturenames", ())) or params.get("backend") == "postgres":
+            item.add_marker(pytest.mark.postgres)
 
 
 @pytest.fixture(scope="session")
@@ -97,14 +153,19 @@ def mlflow_server_postgres(session_root: Path, postgres_url: str):
         yield url
 
 
-def _start_prefect(root: Path, name: str, **extra_env: str):
-    port = servers.free_port()
+def prefect_command(root: Path, name: str, port: int, **extra_env: str) -> tuple[list[str], dict[str, str], str]:
+    """The `prefect server start` command line, environment and API URL for a home and a port
+    (its SQLite database lives in the home unless ``extra_env`` names another)."""
     home = root / f"{name}-home"
     home.mkdir(parents=True, exist_ok=True)
     env = _server_env(PREFECT_HOME=str(home), PREFECT_UI_ENABLED="false", **extra_env)
     env.pop("PREFECT_API_URL", None)
     cmd = [str(BIN / "prefect"), "server", "start", "--host", servers.LOOPBACK, "--port", str(port)]
-    url = f"http://{servers.LOOPBACK}:{port}/api"
+    return cmd, env, f"http://{servers.LOOPBACK}:{port}/api"
+
+
+def _start_prefect(root: Path, name: str, **extra_env: str):
+    cmd, env, url = prefect_command(root, name, servers.free_port(), **extra_env)
     return servers.running(cmd, env=env, health_url=f"{url}/health", log=root / f"{name}.log"), url
 
 
@@ -118,14 +179,37 @@ def prefect_server(session_root: Path):
 
 
 @pytest.fixture(scope="session")
-def prefect_server_postgres(session_root: Path, postgres_url: str):
+def prefect_server_postgres(session_root: Path, prefect_postgres_url: str):
+    """A real `prefect server start` on PostgreSQL (asyncpg, the driver Prefect's server uses)."""
     ctx, url = _start_prefect(
         session_root, "prefect-postgres",
-        PREFECT_API_DATABASE_CONNECTION_URL=postgres_url.replace("postgresql+psycopg2://", "postgresql+asyncpg://"),
+        PREFECT_API_DATABASE_CONNECTION_URL=prefect_postgres_url.replace("postgresql+psycopg2://", "postgresql+asyncpg://"),
     )
     with ctx:
         yield url
         _flush_prefect_logs()
+
+
+# The integration flows that must hold on both backends take these: one session server of each
+# kind per backend, started only when a test of that backend runs.
+BACKENDS = ("sqlite", "postgres")
+
+
+@pytest.fixture(scope="session", params=BACKENDS)
+def backend(request) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def mlflow_server_on(backend: str, request) -> str:
+    """The session's MLflow server on ``backend`` (SQLite or PostgreSQL)."""
+    return request.getfixturevalue("mlflow_server" if backend == "sqlite" else "mlflow_server_postgres")
+
+
+@pytest.fixture(scope="session")
+def prefect_server_on(backend: str, request) -> str:
+    """The session's Prefect server on ``backend`` (SQLite or PostgreSQL)."""
+    return request.getfixturevalue("prefect_server" if backend == "sqlite" else "prefect_server_postgres")
 
 
 def _flush_prefect_logs() -> None:

@@ -10,6 +10,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -83,7 +84,7 @@ def create_postgres_database(prefix: str) -> str:
     """A fresh database on the local PostgreSQL (trust auth); returns its SQLAlchemy URL."""
     import psycopg2
 
-    name = f"{prefix}_{os.getpid()}_{int(time.time() * 1000) % 10**9}"
+    name = f"{prefix}_{uuid.uuid4().hex}"
     conn = psycopg2.connect(host=LOOPBACK, port=5432, user="postgres", dbname="postgres")
     conn.autocommit = True
     with conn.cursor() as cur:
@@ -101,3 +102,37 @@ def drop_postgres_database(url: str) -> None:
     with conn.cursor() as cur:
         cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     conn.close()
+
+
+class Restartable:
+    """A server a test stops and starts again: same command, so the same port and store.
+
+    Used as a context manager (started on entry, stopped on exit even when the test fails);
+    the log file is appended to across restarts.
+    """
+
+    def __init__(self, cmd: list[str], *, env: dict[str, str], health_url: str, log: Path, timeout: float = 180) -> None:
+        self.cmd, self.env, self.health_url, self.log, self.timeout = cmd, env, health_url, log, timeout
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        wait_http(self.health_url, self.timeout, self.proc, self.log)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop(self.proc)
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group: the server vanishes without a goodbye."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+    def __enter__(self) -> Restartable:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
