@@ -142,3 +142,26 @@ def test_cli_rejects_a_wrong_space_before_any_work(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
     assert main(["sweep", str(data), "--sampler", "grid"]) == 2
     assert "the grid sampler needs a list of values" in capsys.readouterr().err
+
+
+@pytest.mark.postgres
+def test_study_on_postgresql_continues(tmp_path):
+    """With a PostgreSQL storage URL the study lives there (not in the sweep folder) and a second
+    open continues it. Its own database: MLflow's test database has an alembic_version table too."""
+    from tests import servers
+
+    if not servers.postgres_available():
+        pytest.skip("PostgreSQL does not answer on 127.0.0.1:5432")
+    url = servers.create_postgres_database("visionflow_sweep")
+    try:
+        options = SweepConfig(storage=url, sampler="random")
+        assert studies.storage_url(tmp_path, options) == url
+        assert studies.shown_storage("postgresql+psycopg2://u:secret@h:5432/db") == "postgresql+psycopg2://u:***@h:5432/db"
+        study = studies.open_study(url, studies.study_name(tmp_path, options), options, DEFAULT_SPACE)
+        trial = study.ask()
+        suggest(trial, DEFAULT_SPACE)
+        study.tell(trial, 0.5)
+        again = studies.open_study(url, studies.study_name(tmp_path, options), options, DEFAULT_SPACE)
+        assert studies.finished(again) == 1 and not (tmp_path / "optuna.db").exists()  # dropped WITH (FORCE) below
+    finally:
+        servers.drop_postgres_database(url)
