@@ -49,6 +49,8 @@ EXPLAIN_FLAGS: tuple[Flag, ...] = (
 SWEEP_FLAGS: tuple[Flag, ...] = (
     Flag("--trials", "trials", {"type": int, "metavar": "N", "help": "trials to finish, counting earlier runs of the same sweep (default 12)"}),
     Flag("--parallel", "parallel", {"type": int, "metavar": "K", "help": "trials running at once (default 1)"}),
+    Flag("--processes", "runner", {"action": "store_const", "const": "processes",
+                                   "help": "run parallel trials in local worker processes (Dask) instead of threads"}),
     Flag("--sampler", "sampler", {"choices": ["tpe", "random", "grid"], "help": "Optuna sampler (default tpe)"}),
     Flag("--pruner", "pruner", {"choices": ["median", "successive-halving", "none"], "help": "stops weak trials early (default median)"}),
     Flag("--objective", "objective", {"choices": ["val_top1", "val_loss"], "help": "per-epoch metric to optimise (default val_top1)"}),

@@ -5,6 +5,9 @@ The ``sweep-trials`` subflow asks the Optuna study for trials and runs each as a
 task on its task runner: Prefect's thread pool (``parallel`` threads) on this machine, or an
 existing Dask cluster (``dask_address``) across hosts, whose workers must see the data, the
 sweep's folder and the study's storage (use PostgreSQL there; SQLite is for one machine).
+``options.runner="processes"`` runs the trials in a local Dask cluster of ``parallel`` processes
+instead of threads: each trial then has its own torch seeds and threads (in threads, trials
+share torch's process-wide random state, so a trial is not reproducible on its own).
 Rerunning a sweep on the same folder continues its study (see :mod:`cvlib.sweep.study`).
 """
 
@@ -43,11 +46,19 @@ def default_output_dir(data_dir: str) -> Path:
     return runs_dir() / "sweeps" / (Path(data_dir).name or "data")
 
 
-def task_runner(parallel: int, dask_address: str | None = None):
+def task_runner(parallel: int, dask_address: str | None = None, runner: str = "threads"):
+    """Threads of this process; a local Dask cluster of ``parallel`` processes (the same one
+    ``score`` starts: loopback only); or an existing Dask cluster."""
     if dask_address:
         from prefect_dask import DaskTaskRunner
 
         return DaskTaskRunner(address=dask_address)
+    if runner == "processes" and parallel > 1:
+        from prefect_dask import DaskTaskRunner
+
+        from flows.score import local_cluster
+
+        return DaskTaskRunner(cluster_class=local_cluster, cluster_kwargs={"n_workers": parallel})
     from prefect.task_runners import ThreadPoolTaskRunner
 
     return ThreadPoolTaskRunner(max_workers=parallel)
@@ -117,7 +128,7 @@ def sweep(
     parent = start_parent_run(config, options, space, data, storage, name, existing=state["parent_run_id"], flow_run_id=flow_run.id)
     logger.info("study %r (%s): %d of %d trials finished", name, studies.shown_storage(storage), state["finished"], options.trials)
     try:
-        runner = task_runner(options.parallel, dask_address)
+        runner = task_runner(options.parallel, dask_address, options.runner)
         sweep_trials.with_options(task_runner=runner, flow_run_name=f"sweep-trials-{Path(data_dir).name}")(
             data, config, space, options, storage, name, parent, str(out)
         )

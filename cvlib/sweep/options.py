@@ -18,6 +18,10 @@ class SweepConfig(StrictModel):
 
     trials: int = Field(12, ge=1, description="Trials to finish (complete, pruned or failed), counting those of earlier runs of the same study.")
     parallel: int = Field(1, ge=1, description="Trials running at once.")
+    runner: Literal["threads", "processes"] = Field(
+        "threads", description="Where parallel trials run on this machine: threads of this process, or a local Dask "
+        "cluster of `parallel` worker processes (each trial its own torch seeds and threads)."
+    )
     sampler: Sampler = Field("tpe", description="Optuna sampler: TPE, random, or grid (every space entry a list or a stepped range).")
     pruner: Pruner = Field("median", description="Stops a trial whose per-epoch objective is worse than its peers' at the same epoch.")
     objective: Objective = Field("val_top1", description="Per-epoch validation metric the search optimises (top-1 up, loss down).")

@@ -107,12 +107,15 @@ def test_pruned_trial_and_resume_without_rerunning(on_servers, mlflow_server, di
     assert [p.name for p in (out / "trials").iterdir()] == [f"trial-{second.best_trial:04d}"]
 
 
-def test_parallel_trials_overlap_and_one_version(on_servers, mlflow_server, digits_dir, tmp_path):
+@pytest.mark.parametrize("runner", ["threads", "processes"])
+def test_parallel_trials_overlap_and_one_version(on_servers, mlflow_server, digits_dir, tmp_path, runner):
+    """With parallel=2 two trials run at once (their child runs overlap in time), in threads or in
+    a local Dask cluster's processes; only the best trial's model is registered."""
     from flows.sweep import sweep
 
     name = f"sweep-par-{uuid.uuid4().hex[:6]}"
     space = parse_space({"lr": [2e-3, 4e-3, 8e-3], "label_smoothing": {"low": 0.0, "high": 0.2}})
-    options = SweepConfig(trials=3, parallel=2, sampler="random", pruner="none", keep_checkpoints=True)
+    options = SweepConfig(trials=3, parallel=2, runner=runner, sampler="random", pruner="none", keep_checkpoints=True)
     result = sweep(data_dir=str(digits_dir), config=base_config(name, epochs=1), space=space, options=options, output_dir=str(tmp_path / "s"))
     runs = child_runs(mlflow_server, result.parent_run_id)
     assert len(runs) == 3 and all(r["info"]["status"] == "FINISHED" for r in runs)
