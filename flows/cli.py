@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from tasks.records import RetrainResult
 
 from cvlib.arguments import OptionsError, options_from, retrain_config, section_config
-from flows.parser import EXIT_USAGE, EXPLAIN_FLAGS, SCORE_FLAGS, make_parser
+from flows.parser import EXIT_USAGE, EXPLAIN_FLAGS, SCORE_FLAGS, SWEEP_FLAGS, make_parser
 
 
 class CliError(Exception):
@@ -141,6 +141,38 @@ def cmd_retrain(args: argparse.Namespace) -> int:
 
     result = retrain(data_dir=data_dir, config=config, output_dir=args.output_dir)
     _print_retrain(result)
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from cvlib.models.factory import WeightsUnavailableError, check_weights
+    from cvlib.sweep.options import SweepConfig
+    from cvlib.sweep.space import SpaceError, load_space, trial_config
+
+    data_dir = _existing(args.data_dir, "data folder", folder=True)
+    config = retrain_config(args)  # the base configuration, read as retrain reads it
+    options = options_from(SweepConfig, SWEEP_FLAGS, args)
+    try:
+        space = load_space(args.space)  # a wrong key or value fails here, before any work
+        if options.sampler == "grid":
+            space.grid()
+        archs = space.archs() or [config.train.arch]
+        for arch in archs:  # every architecture a trial may train has its weights
+            check_weights(arch, trial_config(config, {"arch": arch}).train.weights)
+    except (SpaceError, WeightsUnavailableError, ValueError) as exc:
+        raise CliError(str(exc)) from exc
+    _use_prefect()
+    from flows.sweep import sweep
+
+    result = sweep(data_dir=data_dir, config=config, space=space, options=options, output_dir=args.output_dir,
+                   dask_address=args.dask_address)  # fmt: skip
+    _print_paths(
+        "sweep finished",
+        {"best trial": f"{result.best_trial} ({options.objective} {result.best_value:.4f})", "best params": result.best_params,
+         "model": f"{result.model_uri} ({'champion' if result.promoted else 'challenger'})", "trials": result.trials,
+         "MLflow store": result.mlflow_tracking_uri, "MLflow parent run": result.parent_run_id,
+         "study": f"{result.study_name} in {result.storage}", "sweep folder": result.output_dir},
+    )  # fmt: skip
     return 0
 
 
@@ -335,6 +367,7 @@ COMMANDS = {
     "demo-data": cmd_demo_data,
     "ingest": cmd_ingest,
     "retrain": cmd_retrain,
+    "sweep": cmd_sweep,
     "score": cmd_score,
     "explain": cmd_explain,
     "demo": cmd_demo,

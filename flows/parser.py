@@ -45,6 +45,23 @@ EXPLAIN_FLAGS: tuple[Flag, ...] = (
 )  # fmt: skip
 
 
+# The flags that set a field of SweepConfig (cvlib.sweep.options); the base configuration's are retrain's.
+SWEEP_FLAGS: tuple[Flag, ...] = (
+    Flag("--trials", "trials", {"type": int, "metavar": "N", "help": "trials to finish, counting earlier runs of the same sweep (default 12)"}),
+    Flag("--parallel", "parallel", {"type": int, "metavar": "K", "help": "trials running at once (default 1)"}),
+    Flag("--processes", "runner", {"action": "store_const", "const": "processes",
+                                   "help": "run parallel trials in local worker processes (Dask) instead of threads"}),
+    Flag("--sampler", "sampler", {"choices": ["tpe", "random", "grid"], "help": "Optuna sampler (default tpe)"}),
+    Flag("--pruner", "pruner", {"choices": ["median", "successive-halving", "none"], "help": "stops weak trials early (default median)"}),
+    Flag("--objective", "objective", {"choices": ["val_top1", "val_loss"], "help": "per-epoch metric to optimise (default val_top1)"}),
+    Flag("--keep-checkpoints", "keep_checkpoints", {"action": "store_const", "const": True,
+                                                    "help": "keep every trial's checkpoints (default: only the best trial's)"}),
+    Flag("--storage", "storage", {"metavar": "URL", "help": "Optuna storage, e.g. postgresql://... "
+                                  "(default: $VISIONFLOW_SWEEP_STORAGE, else OUTPUT_DIR/optuna.db)"}),
+    Flag("--study-name", "study_name", {"help": "Optuna study (default: from the output folder, so a rerun continues it)"}),
+)  # fmt: skip
+
+
 def _count(minimum: int):
     """An argparse type: an integer of at least ``minimum`` (told as a usage error otherwise)."""
 
@@ -75,7 +92,7 @@ def make_parser() -> argparse.ArgumentParser:
     """Every subcommand, in help order."""
     p = _Parser(prog="visionflow", description="Retrain and serve image classifiers as Prefect flows.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for add in (_add_config, _add_demo_data, _add_ingest, _add_retrain, _add_score, _add_explain, _add_demo, _add_server,
+    for add in (_add_config, _add_demo_data, _add_ingest, _add_retrain, _add_sweep, _add_score, _add_explain, _add_demo, _add_server,
                 _add_kernels, _add_featuremaps):  # fmt: skip
         add(sub)
     return p
@@ -105,6 +122,21 @@ def _add_retrain(sub) -> None:
     s.add_argument("data_dir")
     add_retrain_arguments(s)
     s.add_argument("--output-dir", help="checkpoints, manifest and report (default: a folder per flow run under the home)")
+
+
+def _add_sweep(sub) -> None:
+    s = sub.add_parser(
+        "sweep", help="search retraining options with Optuna; register the best trial's model",
+        description="Run N fine-tuning trials, K at a time, each an MLflow child run of the sweep's run; prune weak "
+        "trials; register the best trial's model and put it through the champion gate. The retraining flags and "
+        "--config are the base configuration the trials vary. Rerunning into the same --output-dir continues the sweep.",
+    )  # fmt: skip
+    s.add_argument("data_dir")
+    s.add_argument("--space", metavar="FILE", help="search space, YAML or JSON (default: lr, weight decay, label smoothing)")
+    add_flags(s, SWEEP_FLAGS)
+    s.add_argument("--dask-address", help="run trials on an existing Dask cluster, tcp://HOST:PORT (default: threads here)")
+    add_retrain_arguments(s)
+    s.add_argument("--output-dir", help="the sweep's folder: study, trials' checkpoints, figures (default: one per data folder under the home)")
 
 
 def _add_score(sub) -> None:
