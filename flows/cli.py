@@ -333,7 +333,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     package (written into it)."""
     from cvlib.inference.options import ExportConfig
 
-    cfg = options_from(ExportConfig, EXPORT_FLAGS, args)
+    cfg = options_from(ExportConfig, EXPORT_FLAGS, args, int8=bool(args.int8))
     data_dir = _existing(args.data, "--data folder", folder=True) if args.data else None
     if not args.model.startswith("models:/"):
         from tasks.export import export_local

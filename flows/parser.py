@@ -32,8 +32,6 @@ SCORE_FLAGS: tuple[Flag, ...] = (
 
 # The flags that set a field of ExportConfig (cvlib.inference.options).
 EXPORT_FLAGS: tuple[Flag, ...] = (
-    Flag("--int8", "int8", {"action": "store_const", "const": True, "help": "quantize to int8 with NNCF (default)"}),
-    Flag("--fp32-only", "int8", {"action": "store_const", "const": False, "help": "export the fp32 IR only, no quantization"}),
     Flag("--calibration-images", "calibration_images", {"type": int, "help": "training images to calibrate on (default 300)"}),
     Flag("--min-agreement", "min_top1_agreement", {"type": float,
          "help": "least top-1 agreement with the fp32 model on the validation split (default 0.99)"}),
@@ -190,4 +188,5 @@ def _add_export(sub) -> None:
     s.add_argument("model", help="models:/NAME@ALIAS, models:/NAME/VERSION, or a package folder")
     s.add_argument("--data", help="the image folder to calibrate and validate on (default: the version's training data)")
     s.add_argument("--out", help="where the OpenVINO files go for a checkpoint file (default: the package's openvino/)")
+    s.add_argument("--int8", action="store_true", help="also quantize to int8 with NNCF (used when it agrees; else the fp32/bf16 IR)")
     add_flags(s, EXPORT_FLAGS)

@@ -2,9 +2,9 @@
 
 :func:`export_version` (a Prefect task) runs :func:`cvlib.inference.export.export_package` on a
 model version with its own training data (the run's manifest and data folder, or a folder given),
-then logs the ``openvino/`` folder into the version's model artifacts, beside the package
-(``artifacts/package/openvino``: the pyfunc model and scoring find it there after a download),
-logs the record to the run, and sets the version tags a person and ``score --engine auto`` read:
+then logs the ``openvino/`` folder (IR files and record) into the version's logged model,
+beside the package (``artifacts/package/openvino``: the pyfunc model and scoring find it there
+after a download), logs the record to the version's run (``openvino/export.json``), and sets the version tags a person and ``score --engine auto`` read:
 ``visionflow.openvino.status`` (verified or rejected), ``.precision``, ``.top1_agreement``,
 ``.top5_agreement``, ``.val_top1``, ``.val_top1_fp32``, ``.reason``.
 """
@@ -92,7 +92,7 @@ def export_version(model_uri: str, config: ExportConfig, data_dir: str | None = 
     ``data_dir`` and ``manifest``: the images to calibrate and validate on (default: the ones the
     version was trained on; a folder without a manifest is ingested here)."""
     from cvlib.data.manifest import read_manifest
-    from cvlib.inference.engines import OPENVINO_DIR
+    from cvlib.inference.engines import EXPORT_RECORD, OPENVINO_DIR
     from cvlib.inference.export import export_package
     from cvlib.training.checkpoint import load_package
 
@@ -106,10 +106,12 @@ def export_version(model_uri: str, config: ExportConfig, data_dir: str | None = 
     with tempfile.TemporaryDirectory(prefix="visionflow-openvino-") as tmp:
         out = Path(tmp) / OPENVINO_DIR
         record = export_package(model, meta, data_root, read_manifest(manifest), out, config)
-        model_id = getattr(mv, "model_id", None)
-        if model_id:
+        model_id = _logged_model_id(mv)
+        if model_id:  # MLflow 3: the version's files are a logged model's (linked to the run)
             c.log_model_artifacts(model_id, str(out), f"{PACKAGE_SUBPATH}/{OPENVINO_DIR}")
-        c.log_artifacts(mv.run_id, str(out), OPENVINO_DIR if model_id else f"model/{PACKAGE_SUBPATH}/{OPENVINO_DIR}")
+            c.log_artifact(mv.run_id, str(out / EXPORT_RECORD), OPENVINO_DIR)  # the figures, on the run's page too
+        else:  # a model logged under the run's artifacts (MLflow 2 layout)
+            c.log_artifacts(mv.run_id, str(out), f"model/{PACKAGE_SUBPATH}/{OPENVINO_DIR}")
     chosen = record.candidate(record.precision) if record.precision else None
     int8 = record.candidate("int8")
     tags = {
@@ -133,6 +135,14 @@ def export_version(model_uri: str, config: ExportConfig, data_dir: str | None = 
         int8_top1_agreement=None if int8 is None else int8.top1_agreement, val_top1_fp32=record.val_top1_fp32,
         val_top1=None if chosen is None else chosen.val_top1, seconds=record.seconds,
     )  # fmt: skip
+
+
+def _logged_model_id(mv) -> str | None:
+    """The logged model behind a version: ``model_id``, or its ``models:/m-...`` source."""
+    model_id = getattr(mv, "model_id", None)
+    if not model_id and str(mv.source).startswith("models:/m-"):
+        model_id = str(mv.source).removeprefix("models:/").split("/")[0]
+    return model_id or None
 
 
 def _forget_cached(local: str) -> None:
