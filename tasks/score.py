@@ -82,6 +82,7 @@ class ShardResult(BaseModel):
     device: str
     precision: str
     worker: str  # "in-process" or the Dask worker's address
+    engine: str = "torch"
 
 
 class BatchScoreResult(ScoreResult):
@@ -284,6 +285,7 @@ def score_shard(job: ScoringJob, shard: int, config: ScoreConfig) -> ShardResult
     return ShardResult(
         shard=shard, files=stats.files, scored=stats.scored, errors=stats.errors, skipped=stats.skipped,
         seconds=stats.seconds, parts=stats.parts, device=stats.device, precision=stats.precision, worker=worker,
+        engine=stats.engine,
     )  # fmt: skip
 
 
@@ -341,7 +343,7 @@ def _publish_summary(job: ScoringJob, results: list[ShardResult], result: BatchS
             "| files | scored | errors | resumed (skipped) | images/s | shards | model | output |\n|---|---|---|---|---|---|---|---|\n"
             f"| {result.files} | {result.scored} | {result.errors} | {result.skipped} | {result.images_per_s:.1f} | {len(results)} | "
             f"{job.model_uri} (v{job.model_version}) | `{result.output}` ({result.layout}) |\n\n"
-            f"Workers: {', '.join(workers)}; device {', '.join(sorted({r.device for r in results}))}, "
+            f"Workers: {', '.join(workers)}; engine {job.engine} ({job.engine_reason}); device {', '.join(sorted({r.device for r in results}))}, "
             f"precision {', '.join(sorted({r.precision for r in results}))}."
         ),
         description="Scoring summary",
