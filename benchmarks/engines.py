@@ -155,25 +155,36 @@ def main() -> None:
     p.add_argument("--loader-workers", type=int, default=1)
     p.add_argument("--sweep", action="store_true", help="also end to end over decode workers x OpenVINO streams")
     p.add_argument("--workdir", help="keep the data, model and outputs here (default: a temporary folder)")
+    p.add_argument("--reuse", action="store_true", help="reuse the workdir's trained and exported package (skip training and export)")
     args = p.parse_args()
 
     from cvlib.inference.engines import OpenVINOEngine, choose_engine
-    from cvlib.inference.export import export_package, validation_loader
+    from cvlib.inference.export import Agreement, export_package, validation_loader
     from cvlib.inference.options import ExportConfig
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="visionflow-engines-"))
     print(f"work folder: {work}; {os.cpu_count()} CPUs (shared: figures are noisy, read the ratios)")
-    classes = make_photos(work / "train", args.per_class, seed=0)
+    package = work / "package"
+    classes = make_photos(work / "train", args.per_class, seed=0) if not args.reuse else sorted(p.name for p in (work / "train").iterdir())
     make_photos(work / "score", args.score_per_class, seed=1)
     print(f"data: {len(classes)} classes x {args.per_class} training patches; {len(classes) * args.score_per_class} to score")
-    print(f"training ResNet-50 at {args.image_size} px for {args.epochs} epochs ...", flush=True)
-    package = work / "package"
-    model, meta, manifest, secs = train_resnet50(work / "train", args.image_size, args.epochs, package)
-    print(f"  trained in {secs:.0f}s")
+    if args.reuse:
+        from cvlib.data.ingest import build_manifest
+        from cvlib.inference.export import ExportRecord
+        from cvlib.training.checkpoint import load_package
 
-    t0 = time.perf_counter()
-    record = export_package(model, meta, work / "train", manifest, package / "openvino", ExportConfig())
-    print(f"export + int8 calibration ({record.calibration_images} images) + agreement: {time.perf_counter() - t0:.0f}s")
+        model, meta = load_package(package)
+        manifest = build_manifest(work / "train")[0]
+        saved = json.loads((package / "openvino" / "export.json").read_text())
+        record = ExportRecord(**(saved | {"candidates": [Agreement(**c) for c in saved["candidates"]]}))
+        print(f"reusing {package} (trained at {meta['preprocessing']['image_size']} px)")
+    else:
+        print(f"training ResNet-50 at {args.image_size} px for {args.epochs} epochs ...", flush=True)
+        model, meta, manifest, secs = train_resnet50(work / "train", args.image_size, args.epochs, package)
+        print(f"  trained in {secs:.0f}s")
+        t0 = time.perf_counter()
+        record = export_package(model, meta, work / "train", manifest, package / "openvino", ExportConfig())
+        print(f"export + int8 calibration ({record.calibration_images} images) + agreement: {time.perf_counter() - t0:.0f}s")
     print(f"  validation: {record.val_images} images, fp32 top-1 {record.val_top1_fp32:.4f}")
     for c in record.candidates:
         print(f"  {c.precision:5s}: top-1 agreement {c.top1_agreement:.4f}, top-5 overlap {c.top5_agreement:.4f}, "
@@ -189,7 +200,7 @@ def main() -> None:
         batches = batches + batches
     mo = model_only(model, meta, engine, batches, args.rounds)
     ratio = [o / t for o, t in zip(mo["openvino"], mo["torch"], strict=True)]
-    print(f"\nmodel only, ResNet-50 at {args.image_size} px, batch 32, img/s (median (rounds)):")
+    print(f"\nmodel only, ResNet-50 at {meta['preprocessing']['image_size']} px, batch 32, img/s (median (rounds)):")
     print(f"  torch (bf16 where native, BN folded) {_fmt(mo['torch'])}")
     print(f"  openvino {engine.precision:4s}                     {_fmt(mo['openvino'])}")
     print(f"  ratio openvino/torch per round: {', '.join(f'{r:.2f}x' for r in ratio)}")
