@@ -79,6 +79,8 @@ RETRAIN_FLAGS: tuple[Flag, ...] = (
                                                 "(default: 1 with pretrained weights, 0 with none)"}),
     Flag("--early-stopping-patience", "train.early_stopping_patience",
          {"type": int, "help": "stop after this many epochs without a better val_top1 (default: off)"}),
+    Flag("--no-export", "export.enabled", {"action": "store_const", "const": False,
+                                           "help": "skip the OpenVINO export after the champion gate"}),
 )  # fmt: skip
 
 

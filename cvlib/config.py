@@ -13,6 +13,7 @@ from pydantic import BaseModel, Field, field_validator
 
 from cvlib.data.options import AugmentConfig, DataConfig
 from cvlib.explain.options import ReportConfig
+from cvlib.inference.options import ExportConfig
 from cvlib.promotion import GateConfig
 from cvlib.strict import StrictModel
 from cvlib.training.options import TrainConfig
@@ -30,6 +31,7 @@ class RetrainConfig(StrictModel):
     train: TrainConfig = Field(default_factory=TrainConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
     gate: GateConfig = Field(default_factory=GateConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
     log_system_metrics: bool = Field(True, description="Record CPU/GPU/memory use in the MLflow run while training.")
 
     @field_validator("data")

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from tasks.records import RetrainResult
 
 from cvlib.arguments import OptionsError, options_from, retrain_config, section_config
-from flows.parser import EXIT_USAGE, EXPLAIN_FLAGS, SCORE_FLAGS, SWEEP_FLAGS, make_parser
+from flows.parser import EXIT_USAGE, EXPLAIN_FLAGS, EXPORT_FLAGS, SCORE_FLAGS, SWEEP_FLAGS, make_parser
 
 
 class CliError(Exception):
@@ -362,6 +362,31 @@ def cmd_featuremaps(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """OpenVINO export of a registered version (through Prefect, logged to MLflow) or of a local
+    package (written into it)."""
+    from cvlib.inference.options import ExportConfig
+
+    cfg = options_from(ExportConfig, EXPORT_FLAGS, args, int8=bool(args.int8))
+    data_dir = _existing(args.data, "--data folder", folder=True) if args.data else None
+    if not args.model.startswith("models:/"):
+        from tasks.export import export_local
+
+        if data_dir is None:
+            raise CliError("--data DIR is needed to export a local package (calibration and validation images)")
+        record = export_local(_local_model(args.model), data_dir, cfg, args.out)
+        _print_paths("export finished", {"status": record["status"], "precision": record["precision"], "reason": record["reason"]})
+        return 0
+    _local_model(args.model)
+    _use_prefect()
+    from flows.export import export
+
+    result = export(model_uri=args.model, config=cfg, data_dir=data_dir)
+    _print_paths("export finished", {"model": result.model_uri, "status": result.status, "precision": result.precision,
+                                     "reason": result.reason})  # fmt: skip
+    return 0
+
+
 COMMANDS = {
     "config": cmd_config,
     "demo-data": cmd_demo_data,
@@ -374,6 +399,7 @@ COMMANDS = {
     "server": cmd_server,
     "kernels": cmd_kernels,
     "featuremaps": cmd_featuremaps,
+    "export": cmd_export,
 }
 
 

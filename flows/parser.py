@@ -25,6 +25,17 @@ SCORE_FLAGS: tuple[Flag, ...] = (
     Flag("--compile", "compile", {"action": "store_const", "const": True, "help": "torch.compile the model"}),
     Flag("--gpu-decode", "gpu_decode", {"choices": ["auto", "on", "off"], "help": "decode JPEGs with nvJPEG on CUDA (auto: on with CUDA)"}),
     Flag("--part-size", "part_size", {"type": int, "help": "rows per Parquet part file"}),
+    Flag("--engine", "engine", {"choices": ["auto", "torch", "openvino"],
+         "help": "auto: the version's verified OpenVINO artifact on a CPU, PyTorch on CUDA; torch; openvino"}),
+    Flag("--ov-streams", "ov_streams", {"type": int, "help": "OpenVINO inference streams (default: the throughput hint's choice)"}),
+)
+
+# The flags that set a field of ExportConfig (cvlib.inference.options).
+EXPORT_FLAGS: tuple[Flag, ...] = (
+    Flag("--calibration-images", "calibration_images", {"type": int, "help": "training images to calibrate on (default 300)"}),
+    Flag("--min-agreement", "min_top1_agreement", {"type": float,
+         "help": "least top-1 agreement with the fp32 model on the validation split (default 0.99)"}),
+    Flag("--preset", "preset", {"choices": ["performance", "mixed"], "help": "NNCF quantization preset"}),
 )
 
 # The flags that set a field of ReportConfig (cvlib.explain.options).
@@ -92,8 +103,8 @@ def make_parser() -> argparse.ArgumentParser:
     """Every subcommand, in help order."""
     p = _Parser(prog="visionflow", description="Retrain and serve image classifiers as Prefect flows.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for add in (_add_config, _add_demo_data, _add_ingest, _add_retrain, _add_sweep, _add_score, _add_explain, _add_demo, _add_server,
-                _add_kernels, _add_featuremaps):  # fmt: skip
+    for add in (_add_config, _add_demo_data, _add_ingest, _add_retrain, _add_sweep, _add_score, _add_explain, _add_export,
+                _add_demo, _add_server, _add_kernels, _add_featuremaps):  # fmt: skip
         add(sub)
     return p
 
@@ -197,3 +208,17 @@ def _add_featuremaps(sub) -> None:
     s.add_argument("--layer", required=True, help="module name, e.g. features.block1.relu or layer1.0.conv1 (a wrong name lists them)")
     s.add_argument("--out", required=True)
     s.add_argument("--max-maps", type=_count(1), default=32)
+
+
+def _add_export(sub) -> None:
+    s = sub.add_parser(
+        "export", help="export a model to OpenVINO IR (int8 when it agrees with fp32 on the validation split)",
+        description="Convert to OpenVINO IR, quantize to int8 with NNCF calibrated on training images, and measure "
+        "top-1/top-5 agreement with the fp32 model on the validation split. A registered version gets the files "
+        "as artifacts and the figures as tags; `score --engine auto` uses a verified artifact on CPUs.",
+    )  # fmt: skip
+    s.add_argument("model", help="models:/NAME@ALIAS, models:/NAME/VERSION, or a package folder")
+    s.add_argument("--data", help="the image folder to calibrate and validate on (default: the version's training data)")
+    s.add_argument("--out", help="where the OpenVINO files go for a checkpoint file (default: the package's openvino/)")
+    s.add_argument("--int8", action="store_true", help="also quantize to int8 with NNCF (used when it agrees; else the fp32/bf16 IR)")
+    add_flags(s, EXPORT_FLAGS)

@@ -40,6 +40,22 @@ def _example_image(data) -> str | None:
     return str(Path(data.data_dir) / val["path"].iloc[0]) if len(val) else None
 
 
+def _export(model_uri: str, data, config: RetrainConfig) -> str:
+    """The OpenVINO export after the gate. Its failure does not undo a registered version: it is
+    logged, tagged on the version (``visionflow.openvino.status=failed``) and scoring keeps PyTorch."""
+    from tasks.export import TAG, export_version
+    from tasks.registry import client, parse_model_uri
+
+    try:
+        return export_version(model_uri, config.export, data_dir=data.data_dir, manifest=data.manifest_path).status
+    except Exception as exc:  # noqa: BLE001 - conversion and quantization fail in many ways
+        get_run_logger().error("OpenVINO export of %s failed: %s: %s; scoring keeps PyTorch", model_uri, type(exc).__name__, exc)
+        name, _, version = parse_model_uri(model_uri)
+        client().set_model_version_tag(name, version, f"{TAG}.status", "failed")
+        client().set_model_version_tag(name, version, f"{TAG}.reason", f"{type(exc).__name__}: {exc}"[:5000])
+        return "failed"
+
+
 @flow(name="retrain", flow_run_name=run_name("retrain", "data_dir"), log_prints=True)
 def retrain(data_dir: str, config: RetrainConfig = RetrainConfig(), output_dir: str | None = None) -> RetrainResult:
     """Retrain the classifier on an image folder (one sub-folder per class) and register it."""
@@ -61,6 +77,7 @@ def retrain(data_dir: str, config: RetrainConfig = RetrainConfig(), output_dir: 
         decision = champion_gate(
             registered, data, validation, config.gate, batch_size=config.train.batch_size, num_workers=config.train.num_workers
         )
+        openvino = _export(registered.model_uri, data, config) if config.export.enabled else None
         # After the gate: the report a reviewer opens names the version and the decision.
         report = validation_report(
             data,
@@ -94,6 +111,7 @@ def retrain(data_dir: str, config: RetrainConfig = RetrainConfig(), output_dir: 
         output_dir=str(out),
         mlflow_tracking_uri=mlflow_tracking_uri(),
         gate=decision,
+        openvino=openvino,
     )
     logger.info("retrained %s v%s (%s): %s", registered.name, registered.version, "champion" if result.promoted else "challenger", validation.metrics)
     return result

@@ -130,7 +130,7 @@ def score(
     shards: int | None = None,
     root: str | None = None,
     workers: int | None = None,
-    engine: dict | None = None,
+    engine: dict | str | None = None,
 ) -> BatchScoreResult:
     """Top-5 predictions for every input file, one row per file.
 
@@ -143,16 +143,20 @@ def score(
     ``dask_workers``: Dask worker processes of a local cluster (1: in this process), or
     ``dask_address``, an existing cluster. Kept for one release: ``workers``, the old name of
     ``dask_workers``, and ``engine``, whose fields (compile, gpu_decode, loader, part_size,
-    part_seconds) are now part of ``config``.
+    part_seconds) are now part of ``config``. ``engine`` as a string (auto, torch, openvino) is
+    ``config.engine``: which runtime scores (see :class:`~cvlib.inference.options.ScoreConfig`).
     """
     if workers is not None:
         get_run_logger().warning("the score parameter 'workers' is deprecated; use 'dask_workers' (removed in the next release)")
         dask_workers = workers
-    if engine:
+    if isinstance(engine, str):
+        config = config.model_copy(update={"engine": ScoreConfig.model_validate({"engine": engine}).engine})
+    elif engine:
         get_run_logger().warning("the score parameter 'engine' is deprecated; its fields are part of 'config' now (removed in the next release)")
         config = ScoreConfig.model_validate(config.model_dump() | engine)
     job = plan_scoring(
-        input_dir, model_uri, str(out), weights=weights, shards=shards or default_shards(dask_workers, dask_address), root=root
+        input_dir, model_uri, str(out), weights=weights, shards=shards or default_shards(dask_workers, dask_address), root=root,
+        config=config,
     )
     t0 = time.perf_counter()
     runner = task_runner(dask_workers, dask_address)

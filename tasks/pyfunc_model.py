@@ -4,6 +4,10 @@ score a DataFrame of image paths or raw bytes into top-5 rows.
 MLflow stores this file itself as the model's code, so loading the model unpickles nothing; the
 weights come from the package's safetensors file. Only ``cvlib`` is needed beside it (logged with
 the model through ``code_paths``).
+
+When the package holds a verified OpenVINO artifact (``openvino/``, added by the export after
+the champion gate) and there is no CUDA device, requests run on it (int8 where it agreed with
+fp32), so ``mlflow models serve`` gets the CPU engine's speed; otherwise they run on PyTorch.
 """
 
 from __future__ import annotations
@@ -20,6 +24,19 @@ class VisionflowClassifier(PythonModel):
         from cvlib.training.checkpoint import load_package
 
         self.model, self.meta = load_package(context.artifacts["package"])
+        self.engine = "torch"
+        try:
+            import torch
+
+            from cvlib.inference.engines import OpenVINOEngine, choose_engine
+
+            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            choice = choose_engine("auto", device, context.artifacts["package"])
+            if choice.engine == "openvino":
+                self.model = OpenVINOEngine(choice.xml, int8=choice.int8, precision_hint=choice.precision_hint)
+                self.engine = f"openvino-{self.model.precision}"
+        except ImportError:  # an environment without OpenVINO serves on PyTorch
+            pass
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         from cvlib.inference.predict import predict_sources

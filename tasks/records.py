@@ -68,6 +68,7 @@ class RetrainResult(BaseModel):
     output_dir: str
     mlflow_tracking_uri: str
     gate: GateDecision
+    openvino: str | None = None  # the OpenVINO export's status (verified, rejected, failed), None when skipped
 
     @property
     def promoted(self) -> bool:

@@ -227,7 +227,7 @@ def _input_example(image: str | None):
 def _requirements() -> list[str]:
     from importlib.metadata import version
 
-    return [f"{pkg}=={version(pkg)}" for pkg in ("torch", "torchvision", "pillow", "numpy", "pandas", "safetensors", "mlflow")]
+    return [f"{pkg}=={version(pkg)}" for pkg in ("torch", "torchvision", "pillow", "numpy", "pandas", "safetensors", "mlflow", "openvino")]
 
 
 def _champion_version(name: str):

@@ -50,6 +50,8 @@ class ScoringJob(BaseModel):
     parts_dir: str
     shard_lists: list[str]
     progress_dir: str
+    engine: str = "torch"  # what scores: torch or openvino (decided once, in plan_scoring)
+    engine_reason: str = ""
 
     @property
     def layout(self) -> OutputLayout:
@@ -80,6 +82,7 @@ class ShardResult(BaseModel):
     device: str
     precision: str
     worker: str  # "in-process" or the Dask worker's address
+    engine: str = "torch"
 
 
 class BatchScoreResult(ScoreResult):
@@ -155,12 +158,75 @@ def load_model(model_local: str, model_version: str, *, model_uri: str = "", wei
         return _MODELS[key]
 
 
+_ENGINES: OrderedDict[tuple, object] = OrderedDict()
+
+
+def load_engine(job: ScoringJob, config: ScoreConfig):
+    """(forward, meta) for the job's engine, once per process: the module for torch, the
+    compiled OpenVINO model for openvino (its verified artifact, or an fp32 IR converted now)."""
+    model, meta = load_model(job.model_local, job.model_version, model_uri=job.model_uri, weights=job.weights)
+    if job.engine != "openvino":
+        return model, meta
+    key = (job.model_local, job.model_version, config.ov_streams)
+    with _MODELS_LOCK:
+        if key not in _ENGINES:
+            _ENGINES[key] = _openvino_engine(model, meta, job.model_local, config.ov_streams)
+            while len(_ENGINES) > MODELS_KEPT:
+                _ENGINES.popitem(last=False)
+        _ENGINES.move_to_end(key)
+        return _ENGINES[key], meta
+
+
+def _openvino_engine(model, meta: dict, local: str, streams: int):
+    import tempfile
+
+    import torch
+
+    from cvlib.inference.engines import OpenVINOEngine, choose_engine
+    from cvlib.inference.export import convert_to_ir
+
+    choice = choose_engine("openvino", torch.device("cpu"), local if Path(local).exists() else None)
+    if choice.xml is None:
+        xml = Path(tempfile.mkdtemp(prefix="visionflow-ir-")) / "model_fp32.xml"
+        convert_to_ir(model, meta, xml)
+        return OpenVINOEngine(xml, streams=streams)
+    return OpenVINOEngine(choice.xml, int8=choice.int8, precision_hint=choice.precision_hint, streams=streams)
+
+
+def choose_job_engine(model_local: str, model_uri: str, version: str, config: ScoreConfig) -> tuple[str, str]:
+    """(engine, reason) for a job: :func:`cvlib.inference.engines.choose_engine` on this machine's
+    device and the version's package (its download refreshed when the version was exported
+    after it was cached)."""
+    from cvlib.inference.engines import choose_engine, openvino_dir
+    from cvlib.models.factory import pick_device
+
+    device = pick_device(config.device)
+    if config.engine != "torch" and model_uri.startswith("models:/") and openvino_dir(model_local) is None:
+        model_local = _refreshed(model_uri, version, model_local)
+    package = model_local if Path(model_local).exists() else None
+    choice = choose_engine(config.engine, device, package)
+    return choice.engine, choice.reason
+
+
+def _refreshed(model_uri: str, version: str, local: str) -> str:
+    """Download the version again when its tags say it has an OpenVINO artifact the cache lacks."""
+    from tasks.registry import client
+
+    name, _, _ = parse_model_uri(model_uri)
+    tags = client().get_model_version(name, version).tags or {}
+    if tags.get("visionflow.openvino.status") in ("verified", "rejected"):
+        (Path(local) / ".complete").unlink(missing_ok=True)
+        local, _ = resolve_model(f"models:/{name}/{version}")
+    return local
+
+
 # --------------------------------------------------------------------------- tasks
 
 
 @task(name="plan-scoring", retries=2, retry_delay_seconds=[2, 10])
 def plan_scoring(
-    input_spec: str, model_uri: str, out: str, *, weights: str | None = "DEFAULT", shards: int = 1, root: str | None = None
+    input_spec: str, model_uri: str, out: str, *, weights: str | None = "DEFAULT", shards: int = 1, root: str | None = None,
+    config: ScoreConfig | None = None,
 ) -> ScoringJob:
     from cvlib.inference.inputs import resolve_inputs
     from cvlib.inference.output import output_layout
@@ -175,15 +241,16 @@ def plan_scoring(
     if removed := clean_stale_temps(layout.parts_dir):
         logger.info("removed %d temporary part files left by an interrupted run", removed)
     lists, progress_dir = write_shard_lists(layout.work_dir, inputs.paths, shards)
+    engine, reason = choose_job_engine(local, model_uri, version, config or ScoreConfig())
     logger.info(
-        "scoring %d files (%s %s, root %s) with %s version %s in %d shard(s) -> %s %s",
-        len(inputs), inputs.kind, input_spec, inputs.root, model_uri, version, len(lists),
+        "scoring %d files (%s %s, root %s) with %s version %s on %s (%s) in %d shard(s) -> %s %s",
+        len(inputs), inputs.kind, input_spec, inputs.root, model_uri, version, engine, reason, len(lists),
         "file" if layout.single_file else "dataset", layout.target,
     )  # fmt: skip
     return ScoringJob(
         input_spec=str(input_spec), root=str(inputs.root), files=len(inputs), model_uri=model_uri, model_local=local,
         model_version=version, weights=weights, target=str(layout.target), single_file=layout.single_file,
-        parts_dir=str(layout.parts_dir), shard_lists=lists, progress_dir=progress_dir,
+        parts_dir=str(layout.parts_dir), shard_lists=lists, progress_dir=progress_dir, engine=engine, engine_reason=reason,
     )  # fmt: skip
 
 
@@ -203,7 +270,7 @@ def score_shard(job: ScoringJob, shard: int, config: ScoreConfig) -> ShardResult
     from cvlib.inference.shards import ProgressFile, read_shard_list
 
     logger = run_logger()
-    model, meta = load_model(job.model_local, job.model_version, model_uri=job.model_uri, weights=job.weights)
+    model, meta = load_engine(job, config)
     stats = score_to_parts(
         model, meta, job.root, read_shard_list(job.shard_lists[shard]), job.layout.parts_dir, model_uri=job.model_uri,
         model_version=job.model_version, config=config, job=job.facts(), shard=shard, sources=job.layout.sources(),
@@ -211,12 +278,14 @@ def score_shard(job: ScoringJob, shard: int, config: ScoreConfig) -> ShardResult
     )  # fmt: skip
     worker = _worker_name()
     logger.info(
-        "shard %d on %s: %d files, %d scored, %d errors, %d already done, %.1f images/s (%s, %s)",
-        shard, worker, stats.files, stats.scored, stats.errors, stats.skipped, stats.images_per_s, stats.device, stats.precision,
+        "shard %d on %s: %d files, %d scored, %d errors, %d already done, %.1f images/s (%s, %s, %s)",
+        shard, worker, stats.files, stats.scored, stats.errors, stats.skipped, stats.images_per_s, stats.engine, stats.device,
+        stats.precision,
     )  # fmt: skip
     return ShardResult(
         shard=shard, files=stats.files, scored=stats.scored, errors=stats.errors, skipped=stats.skipped,
         seconds=stats.seconds, parts=stats.parts, device=stats.device, precision=stats.precision, worker=worker,
+        engine=stats.engine,
     )  # fmt: skip
 
 
@@ -225,7 +294,7 @@ def _single_file_metadata(job: ScoringJob, config: ScoreConfig) -> tuple[list[st
     them (with the device and precision they ran with), else from the model."""
     from cvlib.inference.output import recorded_scoring
 
-    if (recorded := recorded_scoring(job.layout, job.model_version)) is not None:
+    if (recorded := recorded_scoring(job.layout, job.model_version, job.engine)) is not None:
         return recorded
     _, model_meta = load_model(job.model_local, job.model_version, model_uri=job.model_uri, weights=job.weights)
     record = config.model_dump(mode="json") | job.facts() | {"model_uri": job.model_uri, "model_version": job.model_version}
@@ -242,9 +311,9 @@ def finish_scoring(job: ScoringJob, results: list[ShardResult], config: ScoreCon
     layout, paths = job.layout, job.paths()
     if layout.single_file:
         class_names, scoring = _single_file_metadata(job, config)
-        df = finalize_single_file(layout, job.model_version, paths, class_names=class_names, config=scoring)
+        df = finalize_single_file(layout, job.model_version, paths, class_names=class_names, config=scoring, engine=job.engine)
     else:
-        df, dropped = finalize_dataset(layout, job.model_version, paths)
+        df, dropped = finalize_dataset(layout, job.model_version, paths, job.engine)
         if dropped:
             logger.info("dropped %d superseded rows (files whose content changed since they were scored)", dropped)
         shutil.rmtree(Path(job.progress_dir).parent, ignore_errors=True)
@@ -274,7 +343,7 @@ def _publish_summary(job: ScoringJob, results: list[ShardResult], result: BatchS
             "| files | scored | errors | resumed (skipped) | images/s | shards | model | output |\n|---|---|---|---|---|---|---|---|\n"
             f"| {result.files} | {result.scored} | {result.errors} | {result.skipped} | {result.images_per_s:.1f} | {len(results)} | "
             f"{job.model_uri} (v{job.model_version}) | `{result.output}` ({result.layout}) |\n\n"
-            f"Workers: {', '.join(workers)}; device {', '.join(sorted({r.device for r in results}))}, "
+            f"Workers: {', '.join(workers)}; engine {job.engine} ({job.engine_reason}); device {', '.join(sorted({r.device for r in results}))}, "
             f"precision {', '.join(sorted({r.precision for r in results}))}."
         ),
         description="Scoring summary",

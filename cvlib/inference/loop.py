@@ -21,6 +21,11 @@ row positions), ``images`` may be None for a batch with nothing to run (its logi
   of the model, and ``compile`` runs that through ``torch.compile``, fed full batches only (one
   graph: a short batch is padded to ``batch_size``), falling back to eager mode if compiling fails.
 
+* **Engines**: instead of a module, ``model`` may be a :class:`cvlib.inference.engines.BatchEngine`
+  (an OpenVINO compiled model): a callable from images to float32 logits that owns its own
+  device, precision and layout; the loop then only feeds it (mode, autocast, fusing and compiling
+  are a module's).
+
 The loop is a generator: the model stays in eval mode while the caller holds it suspended. A
 caller that may stop early (a ``break``, an exception of its own) wraps it in
 ``contextlib.closing`` so that the mode comes back at once.
@@ -30,7 +35,7 @@ from __future__ import annotations
 
 import logging
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
 
 import torch
@@ -50,7 +55,7 @@ _FUSED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (wei
 
 
 def infer_batches(
-    model: nn.Module,
+    model: nn.Module | Callable[[torch.Tensor], torch.Tensor],
     batches: Iterable[tuple[P, torch.Tensor | None]],
     device: torch.device,
     *,
@@ -62,6 +67,10 @@ def infer_batches(
 ) -> Iterator[tuple[P, torch.Tensor | None]]:
     """``(payload, images)`` in, ``(payload, float32 logits on device)`` out, one pair per batch,
     in order; see the module docstring. ``batch_size`` matters only with ``compile``."""
+    if not isinstance(model, nn.Module):  # an engine (cvlib.inference.engines)
+        for payload, images in batches:
+            yield payload, None if images is None else model(images)
+        return
     with eval_mode(model):
         forward = InferenceForward(
             model, device, amp_dtype, memory_format=memory_format, fuse=fuse, compile=compile, batch_size=batch_size

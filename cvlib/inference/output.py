@@ -7,7 +7,10 @@ at the end from parts staged in a hidden folder beside it (``.OUT.parts``); anyt
 Parquet dataset folder of ``part-*.parquet`` files that ``pandas.read_parquet(OUT)`` reads whole.
 Every part is written under a temporary name and renamed into place when complete
 (:mod:`cvlib.files.atomic`), with the explicit :data:`PREDICTIONS_SCHEMA` and the class list and
-scoring configuration in the key-value metadata. Hidden names (``.``) are ignored by Parquet
+scoring configuration in the key-value metadata. Rows carry the ``engine`` (torch, openvino)
+and ``precision`` (fp32, bf16, int8) that scored them, and a job's rows are those of one model
+version *and* one engine: scoring again with another engine is scoring with another model
+(:mod:`cvlib.inference.resume`), its rows never mix with the first's. Hidden names (``.``) are ignored by Parquet
 readers: temporary part files and the ``.visionflow`` work folder never show up as data.
 """
 
@@ -53,8 +56,13 @@ PREDICTIONS_SCHEMA = pa.schema(
         ("model_uri", pa.string()),
         ("model_version", pa.string()),
         ("scored_at", pa.timestamp("us", tz="UTC")),
+        ("engine", pa.string()),
+        ("precision", pa.string()),
     ]
 )
+# Rows written before the engine columns existed were scored by PyTorch.
+DEFAULT_ENGINE = "torch"
+ENGINE_COLUMNS = ("engine", "precision")
 META_CLASS_NAMES = "visionflow.class_names"
 META_SCORING = "visionflow.scoring"
 PART_GLOB = "part-*.parquet"
@@ -103,6 +111,7 @@ def parquet_metadata(class_names: Sequence[str], config: Mapping) -> dict[str, s
 def write_predictions(df: pd.DataFrame, out: str | os.PathLike[str], *, class_names: list[str], config: dict) -> Path:
     """One Parquet file, written atomically."""
     rest = pa.schema([f for f in PREDICTIONS_SCHEMA if f.name != "scored_at"])
+    df = df.assign(**{c: df[c] if c in df else None for c in ENGINE_COLUMNS})
     table = pa.Table.from_pandas(df.drop(columns=["scored_at"]), schema=rest, preserve_index=False)
     scored_at = pa.array(list(df["scored_at"]), type=PREDICTIONS_SCHEMA.field("scored_at").type)
     table = table.append_column(PREDICTIONS_SCHEMA.field("scored_at"), scored_at).select(PREDICTIONS_SCHEMA.names)
@@ -177,31 +186,52 @@ class PartWriter:
 # --------------------------------------------------------------------------- finishing
 
 
+def read_part(src: str | os.PathLike[str], columns: Sequence[str]) -> pa.Table:
+    """``columns`` of one predictions file; the engine columns of a file written before they
+    existed come back as the engine that wrote it (torch) and an unknown precision."""
+    present = set(pq.read_schema(src).names)
+    table = pq.read_table(src, columns=[c for c in columns if c in present])
+    for name in columns:
+        if name not in present:
+            fill = DEFAULT_ENGINE if name == "engine" else None
+            table = table.append_column(PREDICTIONS_SCHEMA.field(name), pa.array([fill] * table.num_rows, pa.string()))
+    return table.select(list(columns))
+
+
 def _read_parts(sources: Iterable[Path], columns: Sequence[str] | None = None) -> pa.Table | None:
     names = list(columns or PREDICTIONS_SCHEMA.names)
     schema = pa.schema([PREDICTIONS_SCHEMA.field(n) for n in names])
     tables = []
     for src in sources:
-        tables.append(pq.read_table(src, columns=names).cast(schema))
+        tables.append(read_part(src, names).cast(schema))
     return pa.concat_tables(tables) if tables else None
 
 
+def _of_run(df: pd.DataFrame, model_version: str, engine: str | None) -> pd.Series:
+    """Rows of ``model_version`` (scored by ``engine``, when given)."""
+    keep = df["model_version"] == model_version
+    if engine is not None and "engine" in df:
+        keep &= df["engine"].fillna(DEFAULT_ENGINE) == engine
+    return keep
+
+
 def _newest_per_path(df: pd.DataFrame) -> pd.DataFrame:
-    """One row per (path, model_version): the newest (a file whose content changed since it was
-    scored has an older, superseded row)."""
-    return df.sort_values("scored_at", kind="stable").drop_duplicates(["path", "model_version"], keep="last")
+    """One row per (path, model_version, engine): the newest (a file whose content changed since
+    it was scored has an older, superseded row)."""
+    keys = ["path", "model_version"] + (["engine"] if "engine" in df else [])
+    return df.sort_values("scored_at", kind="stable").drop_duplicates(keys, keep="last")
 
 
-def compact_parts(parts_dir: str | os.PathLike[str], model_version: str) -> int:
-    """Drop superseded rows of ``model_version`` (an older row for a path scored again), by
-    rewriting the affected parts atomically; returns how many rows were dropped."""
+def compact_parts(parts_dir: str | os.PathLike[str], model_version: str, engine: str | None = None) -> int:
+    """Drop superseded rows of ``model_version`` (an older row for a path scored again by the
+    same engine), by rewriting the affected parts atomically; returns how many rows were dropped."""
     parts = sorted(Path(parts_dir).glob(PART_GLOB))
     frames = []
     for part in parts:
-        t = pq.read_table(part, columns=["path", "model_version", "scored_at"])
+        t = read_part(part, ["path", "model_version", "scored_at", "engine"])
         df = t.to_pandas()
         df["_part"], df["_row"] = str(part), range(len(df))
-        frames.append(df[df["model_version"] == model_version])
+        frames.append(df[_of_run(df, model_version, engine)])
     if not frames:
         return 0
     rows = pd.concat(frames, ignore_index=True)
@@ -219,7 +249,8 @@ def compact_parts(parts_dir: str | os.PathLike[str], model_version: str) -> int:
 
 
 def finalize_single_file(
-    layout: OutputLayout, model_version: str, paths: Sequence[str], *, class_names: Sequence[str], config: Mapping
+    layout: OutputLayout, model_version: str, paths: Sequence[str], *, class_names: Sequence[str], config: Mapping,
+    engine: str | None = None,
 ) -> pd.DataFrame:
     """Write the single output file from the staged parts (and the rows of a previous finished
     file for the same model version), one row per path in ``paths``, sorted by path; then remove
@@ -228,7 +259,7 @@ def finalize_single_file(
     table = _read_parts(layout.sources())
     df = table.to_pandas() if table is not None else pd.DataFrame(columns=PREDICTIONS_SCHEMA.names)
     wanted = set(paths)
-    df = df[(df["model_version"] == model_version) & df["path"].isin(wanted)]
+    df = df[_of_run(df, model_version, engine) & df["path"].isin(wanted)]
     df = _newest_per_path(df).sort_values("path", kind="stable").reset_index(drop=True)
     missing = wanted - set(df["path"])
     if missing:  # never write a silently short file
@@ -238,43 +269,47 @@ def finalize_single_file(
     return df
 
 
-def finalize_dataset(layout: OutputLayout, model_version: str, paths: Sequence[str]) -> tuple[pd.DataFrame, int]:
+def finalize_dataset(
+    layout: OutputLayout, model_version: str, paths: Sequence[str], engine: str | None = None
+) -> tuple[pd.DataFrame, int]:
     """Compact the dataset (:func:`compact_parts`) and check that every path in ``paths`` has
-    exactly one row of ``model_version``. Returns those rows (``path``, ``status``) and how many
-    superseded rows were dropped."""
-    dropped = compact_parts(layout.parts_dir, model_version)
-    df = read_predictions(layout.target, model_version, columns=["path", "status", "model_version"])
+    exactly one row of ``model_version`` (and ``engine``). Returns those rows (``path``,
+    ``status``) and how many superseded rows were dropped."""
+    dropped = compact_parts(layout.parts_dir, model_version, engine)
+    df = read_predictions(layout.target, model_version, columns=["path", "status", "model_version"], engine=engine)
     df = df[df["path"].isin(set(paths))]
     if df["path"].duplicated().any() or len(df) != len(paths):
         raise RuntimeError(f"{layout.target}: {len(df)} rows for {len(paths)} files of version {model_version}; rerun to resume")
     return df, dropped
 
 
-def recorded_scoring(layout: OutputLayout, model_version: str) -> tuple[list[str], dict] | None:
-    """(class list, scoring configuration) as the parts of ``model_version`` recorded them (with
-    the device and precision they ran with), or None when no such part exists."""
+def recorded_scoring(layout: OutputLayout, model_version: str, engine: str | None = None) -> tuple[list[str], dict] | None:
+    """(class list, scoring configuration) as the parts of ``model_version`` (and ``engine``)
+    recorded them (with the device and precision they ran with), or None when no such part exists."""
     for source in layout.sources():
         meta = read_metadata(source)
         scoring = json.loads(meta.get(META_SCORING, "{}"))
-        if META_CLASS_NAMES in meta and scoring.get("model_version") == model_version:
+        same_engine = engine is None or scoring.get("engine_used", DEFAULT_ENGINE) == engine
+        if META_CLASS_NAMES in meta and scoring.get("model_version") == model_version and same_engine:
             return json.loads(meta[META_CLASS_NAMES]), scoring
     return None
 
 
 def read_predictions(
-    out: str | os.PathLike[str], model_version: str | None = None, *, columns: Sequence[str] | None = None
+    out: str | os.PathLike[str], model_version: str | None = None, *, columns: Sequence[str] | None = None,
+    engine: str | None = None,
 ) -> pd.DataFrame:
     """All rows of a predictions file or dataset (hidden and temporary files ignored), optionally
-    of one model version and only some ``columns``, sorted by path."""
+    of one model version (and one engine) and only some ``columns``, sorted by path."""
     out = Path(out)
     sources = [out] if out.is_file() else sorted(out.glob(PART_GLOB))
     names = list(columns or PREDICTIONS_SCHEMA.names)
-    for needed in ("path", "model_version"):
+    for needed in ("path", "model_version") + (("engine",) if engine is not None else ()):
         if needed not in names:
             names.append(needed)
     table = _read_parts(sources, names)
     df = table.to_pandas() if table is not None else pd.DataFrame(columns=names)
     if model_version is not None:
-        df = df[df["model_version"] == model_version]
+        df = df[_of_run(df, model_version, engine)]
     return df.sort_values(["path", "model_version"], kind="stable").reset_index(drop=True)
 

@@ -38,6 +38,7 @@ from torch import nn
 from cvlib.data.imageio import ImageReadError, load_rgb
 from cvlib.data.transforms import eval_preset_from
 from cvlib.inference.decoding import DecodedBatch, FileItem, batch_images, decoded_batches, scoring_dataset
+from cvlib.inference.engines import BatchEngine
 from cvlib.inference.inputs import list_input_files
 from cvlib.inference.loop import infer_batches
 from cvlib.inference.options import ScoreConfig
@@ -59,6 +60,7 @@ class ScoringStats:
     parts: list[str] = field(default_factory=list)
     device: str = ""
     precision: str = ""
+    engine: str = "torch"
 
     @property
     def processed(self) -> int:
@@ -93,6 +95,8 @@ class _RowContext:
     k: int
     model_uri: str
     model_version: str
+    engine: str = "torch"
+    precision: str = ""
 
 
 def _row(it: FileItem, ctx: _RowContext, now: datetime, p: list[float] | None, idx: list[int] | None) -> dict:
@@ -113,6 +117,8 @@ def _row(it: FileItem, ctx: _RowContext, now: datetime, p: list[float] | None, i
         "model_uri": ctx.model_uri,
         "model_version": ctx.model_version,
         "scored_at": now,
+        "engine": ctx.engine,
+        "precision": ctx.precision,
     }
     if p is not None:
         labels = [ctx.class_names[c] for c in idx]
@@ -136,8 +142,19 @@ def _batch_rows(batch: DecodedBatch, order: list[int], logits: torch.Tensor | No
 # --------------------------------------------------------------------------- the scoring loop
 
 
+def _engine_of(model, dev: torch.device, precision: str) -> tuple[str, str]:
+    """(engine, precision) the rows record: an engine says its own; a module is PyTorch."""
+    if isinstance(model, nn.Module):
+        return "torch", _precision_name(inference_dtype(precision, dev))
+    return model.engine, model.precision
+
+
+def _precision_name(dtype: torch.dtype | None) -> str:
+    return "fp32" if dtype is None else str(dtype).removeprefix("torch.").replace("bfloat16", "bf16").replace("float16", "fp16")
+
+
 def _scored_batches(
-    model: nn.Module,
+    model: nn.Module | BatchEngine,
     meta: dict,
     root: Path,
     files: list[str],
@@ -148,9 +165,11 @@ def _scored_batches(
     done: Mapping[str, str | None] | None = None,
 ) -> Iterator[tuple[list[dict], int]]:
     """Yield (rows, skipped) per batch, in input order: one row for every file not skipped."""
-    dev = pick_device(config.device)
+    is_module = isinstance(model, nn.Module)
+    dev = pick_device(config.device) if is_module else torch.device("cpu")  # an engine runs where it was compiled
     class_names = list(meta["class_names"])
-    ctx = _RowContext(files, class_names, min(config.top_k, len(class_names)), model_uri, model_version)
+    engine, precision = _engine_of(model, dev, config.precision)
+    ctx = _RowContext(files, class_names, min(config.top_k, len(class_names)), model_uri, model_version, engine, precision)
     preset = eval_preset_from(meta["preprocessing"])
     ds = scoring_dataset(root, files, meta["preprocessing"], config, dev, done)
 
@@ -160,7 +179,8 @@ def _scored_batches(
             yield (batch, order), images
 
     # In place, like Module.to: the model stays there for the next shard this process scores.
-    model.to(dev, memory_format=torch.channels_last)
+    if is_module:
+        model.to(dev, memory_format=torch.channels_last)
     results = infer_batches(
         model, model_inputs(), dev, amp_dtype=inference_dtype(config.precision, dev), fuse=config.fuse,
         compile=config.compile, batch_size=config.batch_size,
@@ -171,7 +191,7 @@ def _scored_batches(
 
 
 def score_folder(
-    model: nn.Module,
+    model: nn.Module | BatchEngine,
     meta: dict,
     root: str | os.PathLike[str],
     *,
@@ -196,7 +216,7 @@ def score_folder(
 
 
 def score_to_parts(
-    model: nn.Module,
+    model: nn.Module | BatchEngine,
     meta: dict,
     root: str | os.PathLike[str],
     files: Sequence[str],
@@ -211,7 +231,8 @@ def score_to_parts(
     progress: Callable[[int, int], None] | None = None,
 ) -> ScoringStats:
     """Score ``files`` (relative to ``root``) into part files in ``parts_dir``, skipping those
-    already written there (or in ``sources``) for ``model_version``.
+    already written there (or in ``sources``) for ``model_version`` by the same engine (``model``
+    is a module, PyTorch, or a :class:`~cvlib.inference.engines.BatchEngine`).
 
     ``job``: facts about the job (input spec, root, weights) that the parts' metadata records
     beside the configuration. ``progress(done, total)`` is called after every batch, skipped
@@ -224,13 +245,13 @@ def score_to_parts(
     files = list(files)
     stats = ScoringStats(files=len(files))
     t0 = time.perf_counter()
-    done = read_done(sorted(parts_dir.glob(PART_GLOB)) if sources is None else list(sources), model_version, files)
-    dev = pick_device(config.device)
-    amp_dtype = inference_dtype(config.precision, dev)
-    stats.device, stats.precision = str(dev), "fp32" if amp_dtype is None else str(amp_dtype).removeprefix("torch.")
+    dev = pick_device(config.device) if isinstance(model, nn.Module) else torch.device("cpu")
+    engine, stats.precision = _engine_of(model, dev, config.precision)
+    stats.device, stats.engine = str(dev), engine
+    done = read_done(sorted(parts_dir.glob(PART_GLOB)) if sources is None else list(sources), model_version, files, engine)
     record = config.model_dump(mode="json") | dict(job or {}) | {
         "device": stats.device, "precision": stats.precision, "preprocessing": meta.get("preprocessing"),
-        "model_uri": model_uri, "model_version": model_version,
+        "model_uri": model_uri, "model_version": model_version, "engine_used": engine,
     }  # fmt: skip
     writer = PartWriter(
         parts_dir, f"part-{shard:05d}-{uuid.uuid4().hex[:8]}", parquet_metadata(meta["class_names"], record),
@@ -255,13 +276,15 @@ def score_to_parts(
 # --------------------------------------------------------------------------- in-memory requests
 
 
-def _model_device(model: nn.Module) -> torch.device:
+def _model_device(model: nn.Module | BatchEngine) -> torch.device:
+    if not isinstance(model, nn.Module):
+        return torch.device("cpu")
     param = next(iter(model.parameters()), None)
     return param.device if param is not None else torch.device("cpu")
 
 
 def predict_sources(
-    model: nn.Module, meta: dict, sources: Sequence[str | bytes], *, top_k: int = 5, batch_size: int = 32
+    model: nn.Module | BatchEngine, meta: dict, sources: Sequence[str | bytes], *, top_k: int = 5, batch_size: int = 32
 ) -> pd.DataFrame:
     """Top-k for in-memory requests (paths or bytes), one row per source, in fp32 on the model's
     device; bad inputs get an ``error`` and no prediction. Used by the pyfunc model behind

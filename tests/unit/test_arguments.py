@@ -27,12 +27,13 @@ def test_no_flags_give_the_defaults():
 def test_every_flag_reaches_its_field():
     args = parse("--epochs", "3", "--image-size", "48", "--batch-size", "5", "--arch", "resnet18", "--weights", "none",
                  "--lr", "0.01", "--seed", "7", "--model-name", "m", "--loader-workers", "0", "--device", "cpu",
-                 "--precision", "bf16", "--freeze-backbone", "--head-epochs", "2", "--early-stopping-patience", "4")  # fmt: skip
+                 "--precision", "bf16", "--freeze-backbone", "--head-epochs", "2", "--early-stopping-patience", "4", "--no-export")  # fmt: skip
     c = retrain_config(args)
     assert (c.train.epochs, c.augment.image_size, c.train.batch_size, c.train.arch, c.train.weights) == (3, 48, 5, "resnet18", "none")
     assert (c.train.lr, c.train.seed, c.model_name, c.train.num_workers, c.train.device) == (0.01, 7, "m", 0, "cpu")
     assert (c.train.precision, c.train.freeze_backbone, c.train.head_epochs, c.train.early_stopping_patience) == ("bf16", True, 2, 4)
-    assert len(RETRAIN_FLAGS) == 14  # a new flag gets a line above
+    assert c.export.enabled is False
+    assert len(RETRAIN_FLAGS) == 15  # a new flag gets a line above
 
 
 def test_flags_override_the_config_file_which_overrides_defaults(tmp_path):
