@@ -76,7 +76,7 @@ class ShardResult(BaseModel):
     errors: int
     skipped: int
     seconds: float
-    parts: list[str]
+    parts: int  # part files written: a count, not their names (a Prefect result must not grow with the files)
     device: str
     precision: str
     worker: str  # "in-process" or the Dask worker's address
@@ -216,7 +216,7 @@ def score_shard(job: ScoringJob, shard: int, config: ScoreConfig) -> ShardResult
     )  # fmt: skip
     return ShardResult(
         shard=shard, files=stats.files, scored=stats.scored, errors=stats.errors, skipped=stats.skipped,
-        seconds=stats.seconds, parts=stats.parts, device=stats.device, precision=stats.precision, worker=worker,
+        seconds=stats.seconds, parts=len(stats.parts), device=stats.device, precision=stats.precision, worker=worker,
     )  # fmt: skip
 
 
