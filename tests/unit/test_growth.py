@@ -45,3 +45,30 @@ def test_reingest_reads_previous_manifest_as_columns(tmp_path, monkeypatch):
         assert calls == []  # every file reused, none read
         assert again.equals(first)
     assert _previous_rows(tmp_path / "missing.parquet").get("a/img_000.jpg") is None
+
+
+def test_unchanged_scored_needs_the_same_stat_version_and_a_row(tmp_path):
+    import os
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from cvlib.inference.resume import stat_paths, unchanged_scored, write_stat_table
+
+    names = ["a.jpg", "b.jpg", "c.jpg", "gone.jpg"]
+    for name in names[:3]:
+        (tmp_path / name).write_bytes(name.encode() * 10)
+    size, mtime = stat_paths(tmp_path, names)
+    assert size[3] == -1 and mtime[3] == -1  # missing: never taken as unchanged
+    index = write_stat_table(tmp_path / "index.parquet", names, size, mtime, "v1")
+    rows = tmp_path / "rows.parquet"  # the output holds rows for a, b and gone, not c
+    pq.write_table(pa.table({"path": ["a.jpg", "b.jpg", "gone.jpg"], "sha256": ["x", "y", None], "model_version": ["v1"] * 3}), rows)
+
+    assert unchanged_scored(index, [rows], "v1", names, size, mtime).tolist() == [True, True, False, False]
+    assert not unchanged_scored(index, [rows], "v2", names, size, mtime).any()  # another model
+    assert not unchanged_scored(tmp_path / "none.parquet", [rows], "v1", names, size, mtime).any()
+
+    (tmp_path / "b.jpg").write_bytes(b"changed")
+    os.utime(tmp_path / "a.jpg", ns=(5, 5))  # same size, another mtime
+    size2, mtime2 = stat_paths(tmp_path, names)
+    assert not unchanged_scored(index, [rows], "v1", names, size2, mtime2).any()
