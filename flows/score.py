@@ -99,12 +99,12 @@ def score_shards(job: ScoringJob, config: ScoreConfig) -> list[ShardResult]:
     total = max(job.files, 1)
     artifact = create_progress_artifact(progress=0.0, key="scoring-progress", description=f"Scoring {job.files} files")
     futures = score_shard.map(unmapped(job), range(len(job.shard_lists)), unmapped(config))
-    bar = _progress_bar(job.files, 0)
-    last = 0
+    bar = _progress_bar(job.files, job.unchanged)  # files unchanged since scored are done already
+    last = job.unchanged
     try:
         while True:
             _, not_done = wait(futures, timeout=1.0)
-            seen = min(read_progress(job.progress_dir), job.files)
+            seen = min(job.unchanged + read_progress(job.progress_dir), job.files)
             if seen != last:
                 bar.update(seen - last)
                 last = seen

@@ -15,6 +15,8 @@ A worker needs the output folder and the input files on a filesystem it shares w
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import threading
 from collections import OrderedDict
@@ -52,6 +54,9 @@ class ScoringJob(BaseModel):
     progress_dir: str
     engine: str = "torch"  # what scores: torch or openvino (decided once, in plan_scoring)
     engine_reason: str = ""
+    all_paths: str = ""  # JSON list of every input path (the shards hold only the files to read)
+    unchanged: int = 0  # inputs skipped unread: same size and mtime as when their row was made
+    stat_table: str = ""  # this job's (path, size, mtime_ns), the next run's index once it finishes
 
     @property
     def layout(self) -> OutputLayout:
@@ -68,7 +73,16 @@ class ScoringJob(BaseModel):
         """Every input path, shard after shard."""
         from cvlib.inference.shards import read_shard_list
 
+        if self.all_paths:
+            return read_shard_list(self.all_paths)
         return [p for lst in self.shard_lists for p in read_shard_list(lst)]
+
+    @property
+    def scored_index(self) -> Path:
+        """Where the (path, size, mtime) of the rows the output holds are kept between runs."""
+        from cvlib.inference.resume import scored_index_path
+
+        return scored_index_path(self.layout)
 
 
 class ShardResult(BaseModel):
@@ -78,7 +92,7 @@ class ShardResult(BaseModel):
     errors: int
     skipped: int
     seconds: float
-    parts: list[str]
+    parts: int  # part files written: a count, not their names (a Prefect result must not grow with the files)
     device: str
     precision: str
     worker: str  # "in-process" or the Dask worker's address
@@ -228,9 +242,10 @@ def plan_scoring(
     input_spec: str, model_uri: str, out: str, *, weights: str | None = "DEFAULT", shards: int = 1, root: str | None = None,
     config: ScoreConfig | None = None,
 ) -> ScoringJob:
+    from cvlib.files.atomic import write_bytes_atomic
     from cvlib.inference.inputs import resolve_inputs
     from cvlib.inference.output import output_layout
-    from cvlib.inference.resume import clean_stale_temps
+    from cvlib.inference.resume import clean_stale_temps, scored_index_path, stat_paths, unchanged_scored, write_stat_table
     from cvlib.inference.shards import write_shard_lists
 
     logger = run_logger()
@@ -240,17 +255,25 @@ def plan_scoring(
     layout.parts_dir.mkdir(parents=True, exist_ok=True)
     if removed := clean_stale_temps(layout.parts_dir):
         logger.info("removed %d temporary part files left by an interrupted run", removed)
-    lists, progress_dir = write_shard_lists(layout.work_dir, inputs.paths, shards)
     engine, reason = choose_job_engine(local, model_uri, version, config or ScoreConfig())
+    # A stat per file: files unchanged since their row was made (by this engine) are not read again.
+    size, mtime = stat_paths(inputs.root, inputs.paths)
+    unchanged = unchanged_scored(scored_index_path(layout), layout.sources(), version, inputs.paths, size, mtime, engine)
+    todo = [p for p, skip in zip(inputs.paths, unchanged, strict=True) if not skip]
+    lists, progress_dir = write_shard_lists(layout.work_dir, todo, shards)
+    job_dir = Path(progress_dir).parent
+    write_bytes_atomic(job_dir / "all-paths.json", json.dumps(inputs.paths).encode())
+    stat_table = write_stat_table(job_dir / "stats.parquet", inputs.paths, size, mtime, version)
     logger.info(
-        "scoring %d files (%s %s, root %s) with %s version %s on %s (%s) in %d shard(s) -> %s %s",
-        len(inputs), inputs.kind, input_spec, inputs.root, model_uri, version, engine, reason, len(lists),
+        "scoring %d files (%s %s, root %s; %d unchanged since scored, not read) with %s version %s on %s (%s) in %d shard(s) -> %s %s",
+        len(inputs), inputs.kind, input_spec, inputs.root, int(unchanged.sum()), model_uri, version, engine, reason, len(lists),
         "file" if layout.single_file else "dataset", layout.target,
     )  # fmt: skip
     return ScoringJob(
         input_spec=str(input_spec), root=str(inputs.root), files=len(inputs), model_uri=model_uri, model_local=local,
         model_version=version, weights=weights, target=str(layout.target), single_file=layout.single_file,
         parts_dir=str(layout.parts_dir), shard_lists=lists, progress_dir=progress_dir, engine=engine, engine_reason=reason,
+        all_paths=str(job_dir / "all-paths.json"), unchanged=int(unchanged.sum()), stat_table=str(stat_table),
     )  # fmt: skip
 
 
@@ -270,9 +293,13 @@ def score_shard(job: ScoringJob, shard: int, config: ScoreConfig) -> ShardResult
     from cvlib.inference.shards import ProgressFile, read_shard_list
 
     logger = run_logger()
+    files = read_shard_list(job.shard_lists[shard])
+    if not files:  # every file of this shard is unchanged since scored: no model to load
+        return ShardResult(shard=shard, files=0, scored=0, errors=0, skipped=0, seconds=0.0, parts=0, device="none",
+                           precision="none", worker=_worker_name(), engine=job.engine)  # fmt: skip
     model, meta = load_engine(job, config)
     stats = score_to_parts(
-        model, meta, job.root, read_shard_list(job.shard_lists[shard]), job.layout.parts_dir, model_uri=job.model_uri,
+        model, meta, job.root, files, job.layout.parts_dir, model_uri=job.model_uri,
         model_version=job.model_version, config=config, job=job.facts(), shard=shard, sources=job.layout.sources(),
         progress=ProgressFile(Path(job.progress_dir) / f"shard-{shard:05d}.json"),
     )  # fmt: skip
@@ -284,7 +311,7 @@ def score_shard(job: ScoringJob, shard: int, config: ScoreConfig) -> ShardResult
     )  # fmt: skip
     return ShardResult(
         shard=shard, files=stats.files, scored=stats.scored, errors=stats.errors, skipped=stats.skipped,
-        seconds=stats.seconds, parts=stats.parts, device=stats.device, precision=stats.precision, worker=worker,
+        seconds=stats.seconds, parts=len(stats.parts), device=stats.device, precision=stats.precision, worker=worker,
         engine=stats.engine,
     )  # fmt: skip
 
@@ -309,6 +336,10 @@ def finish_scoring(job: ScoringJob, results: list[ShardResult], config: ScoreCon
 
     logger = run_logger()
     layout, paths = job.layout, job.paths()
+    pending = job.scored_index.with_name(job.scored_index.name + ".pending")
+    if job.stat_table and Path(job.stat_table).is_file():  # out of the job folder, which finishing removes
+        pending.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(job.stat_table, pending)
     if layout.single_file:
         class_names, scoring = _single_file_metadata(job, config)
         df = finalize_single_file(layout, job.model_version, paths, class_names=class_names, config=scoring, engine=job.engine)
@@ -317,9 +348,11 @@ def finish_scoring(job: ScoringJob, results: list[ShardResult], config: ScoreCon
         if dropped:
             logger.info("dropped %d superseded rows (files whose content changed since they were scored)", dropped)
         shutil.rmtree(Path(job.progress_dir).parent, ignore_errors=True)
+    if pending.is_file():  # every input has its row now: next time, unchanged files are not read
+        os.replace(pending, job.scored_index)
     errors = int((df["status"] != "ok").sum())
     processed = sum(r.scored + r.errors for r in results)
-    skipped = sum(r.skipped for r in results)
+    skipped = sum(r.skipped for r in results) + job.unchanged
     result = BatchScoreResult(
         output=str(layout.target), files=len(paths), scored=len(paths) - errors, errors=errors, seconds=seconds,
         model_uri=job.model_uri, model_version=job.model_version, skipped=skipped, processed=processed,

@@ -421,5 +421,5 @@ def is_image_name(path: str | os.PathLike[str]) -> bool:
 
 def claims_image(path: str | os.PathLike[str]) -> bool:
     """Whether a file name claims any image at all, accepted format or not."""
-    suffix = Path(path).suffix.lower()
+    suffix = os.path.splitext(os.fspath(path))[1].lower()  # Path().suffix, without a Path per file
     return suffix in IMAGE_EXTENSIONS or suffix in OTHER_IMAGE_EXTENSIONS

@@ -31,10 +31,12 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from cvlib.data.imageio import ALLOWED_FORMATS
 from cvlib.data.inspection import inspect_all
-from cvlib.data.manifest import read_manifest, records_to_manifest
+from cvlib.data.manifest import records_to_manifest
 from cvlib.data.near_duplicates import NEAR_DUPLICATE_DISTANCE
 from cvlib.data.options import DataConfig
 from cvlib.data.scan import ScanEntry, scan_folder
@@ -47,20 +49,57 @@ log = logging.getLogger(__name__)
 
 
 def _missing(value: object) -> bool:
-    return value is None or (not isinstance(value, str) and bool(pd.isna(value)))
+    if value is None:
+        return True
+    if isinstance(value, (str, int)):  # the common case, without pandas' per-call cost
+        return False
+    return bool(pd.isna(value))
 
 
-def _previous_rows(previous: pd.DataFrame | str | os.PathLike[str] | None) -> dict[str, Mapping]:
+_REUSE_COLUMNS = ("path", "bytes", "mtime_ns", "sha256", "reason", "detail", "width", "height", "format", "mode", "n_frames", "phash")
+
+
+class PreviousRows:
+    """The last manifest's columns as plain Python lists and a path -> row index: no pandas row
+    per file (a 100k-row manifest as per-row dicts cost seconds and hundreds of MB), and
+    ``get(path)`` builds the one small mapping :func:`_reuse` reads, on demand."""
+
+    def __init__(self, columns: dict[str, list]) -> None:
+        self.columns = columns
+        self.index = {str(p): i for i, p in enumerate(columns.get("path", ()))}
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def get(self, path: str) -> Mapping | None:
+        i = self.index.get(path)
+        if i is None:
+            return None
+        return {name: values[i] for name, values in self.columns.items()}
+
+
+def _previous_rows(previous: pd.DataFrame | str | os.PathLike[str] | None) -> PreviousRows:
+    empty = PreviousRows({})
     if previous is None:
-        return {}
-    if not isinstance(previous, pd.DataFrame):
+        return empty
+    if isinstance(previous, pd.DataFrame):
+        names = set(previous.columns)
+        table = None
+    else:
         if not Path(previous).exists():
-            return {}  # first run: nothing to reuse
-        previous = read_manifest(previous)
+            return empty  # first run: nothing to reuse
+        names = set(pq.read_schema(previous).names)
+        table = pq.read_table(previous, columns=[c for c in _REUSE_COLUMNS if c in names])
     needed = {"path", "bytes", "mtime_ns", "sha256", "reason", "width", "height", "format", "mode", "n_frames"}
-    if previous.empty or not needed <= set(previous.columns):
-        return {}  # a manifest from an older layout: read everything again
-    return {str(row["path"]): row for row in previous.to_dict("records")}
+    if not needed <= names:
+        return empty  # a manifest from an older layout: read everything again
+    if table is None:
+        frame = previous[[c for c in _REUSE_COLUMNS if c in names]]
+        table = pa.Table.from_pandas(frame, preserve_index=False)
+    if table.num_rows == 0:
+        return empty
+    # Arrow to Python: nulls come back as None (never NaN), ints as ints.
+    return PreviousRows({name: table.column(name).to_pylist() for name in table.column_names})
 
 
 def _reuse(prev: Mapping | None, entry: ScanEntry, max_pixels: int, phash: bool) -> FileRecord | None:
