@@ -145,15 +145,23 @@ def _git_commit() -> str | None:
 
 
 def _find_version_for_run(name: str, run_id: str):
-    c = client()
+    """The version already registered from ``run_id`` (tagged with it), or None.
+
+    Only a registry that answers "no such model" or "no such version" means not found. Any other
+    error (the server down, a timeout, a 5xx) is raised so the task retries: read as "not found",
+    it made a retried registration create a second version of the same run.
+    """
+    from mlflow.exceptions import MlflowException
+
+    query = f"name = '{name}' AND tags.`{RUN_TAG}` = '{run_id}'"
     try:
-        versions = c.search_model_versions(f"name = '{name}'")
-    except Exception:
-        return None
-    for v in versions:
-        if (v.tags or {}).get(RUN_TAG) == run_id:
-            return v
-    return None
+        versions = client().search_model_versions(query)
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+    mine = [v for v in versions if (v.tags or {}).get(RUN_TAG) == run_id]
+    return min(mine, key=lambda v: int(v.version)) if mine else None
 
 
 @task(name="register-model", retries=3, retry_delay_seconds=[2, 10, 30], timeout_seconds=1800, persist_result=True)
@@ -174,6 +182,7 @@ def register_model(
     existing = _find_version_for_run(model_name, run_id)
     if existing is not None:
         logger.info("version %s of %s already registered for run %s", existing.version, model_name, run_id)
+        _tag_metrics(model_name, str(existing.version), validation)  # the attempt that created it may have died first
         return RegisteredVersion(name=model_name, version=str(existing.version), run_id=run_id, model_uri=f"models:/{model_name}/{existing.version}")
 
     client()  # sets the tracking and registry URIs
@@ -190,12 +199,18 @@ def register_model(
                 input_example=_input_example(example_image),
                 pip_requirements=_requirements(),
             )
+    # The run tag travels in the create call itself: a version never exists without it, so the
+    # lookup above finds it even when the server created it and the answer was lost.
     version = mlflow.register_model(info.model_uri, model_name, tags={RUN_TAG: run_id})
-    c = client()
-    for key, value in validation.metrics.items():
-        c.set_model_version_tag(model_name, version.version, f"metric.{key}", f"{value:.6f}")
+    _tag_metrics(model_name, str(version.version), validation)
     logger.info("registered %s version %s", model_name, version.version)
     return RegisteredVersion(name=model_name, version=str(version.version), run_id=run_id, model_uri=f"models:/{model_name}/{version.version}")
+
+
+def _tag_metrics(name: str, version: str, validation: Validation) -> None:
+    c = client()
+    for key, value in validation.metrics.items():
+        c.set_model_version_tag(name, version, f"metric.{key}", f"{value:.6f}")
 
 
 def _signature():
@@ -231,16 +246,25 @@ def _requirements() -> list[str]:
 
 
 def _champion_version(name: str):
+    """The version holding the champion alias, or None when there is none. Read from the
+    model's alias table, so only "no such model" or "no such alias" means none: an error read
+    as "no champion" would let any version be promoted."""
     from mlflow.exceptions import MlflowException
 
+    c = client()
     try:
-        return client().get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:
-        return None
+        aliases = c.get_registered_model(name).aliases or {}
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+    version = aliases.get(CHAMPION)
+    return None if version is None else c.get_model_version(name, str(version))
 
 
-def _current_champion(name: str, version: str, ingest: IngestResult, metric: str, batch_size: int, num_workers: int) -> Champion | None:
-    current = _champion_version(name)
+def _current_champion(current, version: str, ingest: IngestResult, metric: str, batch_size: int, num_workers: int) -> Champion | None:
+    """What the gate compares against: the version ``current`` (holding the champion alias when
+    read, or None), re-measured on the challenger's split."""
     if current is None:
         return None
     if str(current.version) == version:  # a retried gate: the challenger is already champion, nothing to measure
@@ -269,26 +293,133 @@ def _read_champion(champion, ingest: IngestResult, metric: str, batch_size: int,
     return Champion(version=str(champion.version), class_names=classes, score=score_on(metric, scores))
 
 
+GATE_LOCK_PREFIX = "visionflow-gate-"
+GATE_LEASE_SECONDS = 120.0  # a crashed gate holds its model's lock this long at most (renewed while alive)
+_GATE_ATTEMPTS = 3
+
+
 @task(name="champion-gate", retries=3, retry_delay_seconds=[1, 5, 15], timeout_seconds=3600, persist_result=True)
 def champion_gate(
     registered: RegisteredVersion, ingest: IngestResult, validation: Validation, gate: GateConfig,
     batch_size: int = 64, num_workers: int = 2,
 ) -> GateDecision:
     """Alias the new version ``challenger``; move ``champion`` only when :func:`cvlib.promotion.decide`
-    says so. The decision and both scores become version tags and a Prefect artifact."""
-    c = client()
+    says so. The decision and both scores become version tags and a Prefect artifact.
+
+    Read, decide and write form one critical section per registered model (:func:`gate_lock`):
+    two retrains finishing together are judged one after the other, the second against whatever
+    the first left as champion, so a worse version that writes last cannot overwrite a better one.
+    """
     name, version = registered.name, registered.version
-    c.set_registered_model_alias(name, CHALLENGER, version)
     challenger_score(gate, validation.metrics)  # an unknown metric fails before the champion is scored
-    champion = _current_champion(name, version, ingest, gate.metric, batch_size, num_workers)
-    decision = decide(gate, version, validation.metrics, ingest.class_names, champion)
-    if decision.promoted:
-        c.set_registered_model_alias(name, CHAMPION, version)
-    for key, value in _gate_tags(decision).items():
-        c.set_model_version_tag(name, version, key, value)
+    with gate_lock(name):
+        decision = _decide_locked(name, version, ingest, validation, gate, batch_size, num_workers)
     _gate_artifact(name, version, decision)
     run_logger().info("champion gate for %s v%s: %s", name, version, decision.reason)
     return decision
+
+
+def gate_lock_name(model_name: str) -> str:
+    """The Prefect global concurrency limit that serialises ``model_name``'s gate. Characters a
+    Prefect name may not hold become '-', with a hash of the real name so two models never share it."""
+    safe = "".join("-" if ch in "/%&<>" else ch for ch in model_name)
+    if safe != model_name:
+        safe += "-" + hashlib.sha256(model_name.encode()).hexdigest()[:8]
+    return GATE_LOCK_PREFIX + safe
+
+
+@contextmanager
+def gate_lock(model_name: str, lease_seconds: float = GATE_LEASE_SECONDS) -> Iterator[None]:
+    """Hold the model's gate lock: a Prefect global concurrency limit of one slot, created on
+    first use. ``strict``: if the limit cannot be had (no Prefect API, limit deleted) the gate
+    fails and its task retries, rather than running unlocked. The lease is renewed while the
+    block runs (re-measuring a champion can take long) and expires if the process dies."""
+    from prefect.concurrency.sync import concurrency
+
+    lock = gate_lock_name(model_name)
+    _ensure_gate_lock(lock)
+    run_logger().info("waiting for the gate lock %r", lock)
+    with concurrency(lock, occupy=1, strict=True, lease_duration=lease_seconds):
+        yield
+
+
+def _ensure_gate_lock(lock: str) -> None:
+    """Create the one-slot limit if it does not exist (Prefect no longer creates limits on
+    first acquisition); refuse one that would not exclude (another size, or disabled)."""
+    from prefect import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    with get_client(sync_client=True) as prefect_client:
+        try:
+            limit = prefect_client.read_global_concurrency_limit_by_name(lock)
+        except ObjectNotFound:
+            try:
+                prefect_client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=lock, limit=1))
+                return
+            except ObjectAlreadyExists:  # another gate created it first
+                limit = prefect_client.read_global_concurrency_limit_by_name(lock)
+    if limit.limit != 1 or not limit.active:
+        raise RuntimeError(
+            f"Prefect concurrency limit {lock!r} locks the champion gate and must be an active limit of 1, "
+            f"not {limit.limit} ({'active' if limit.active else 'disabled'}): delete it "
+            f"(`prefect global-concurrency-limit delete {lock}`) and visionflow recreates it"
+        )
+
+
+def _decide_locked(
+    name: str, version: str, ingest: IngestResult, validation: Validation, gate: GateConfig, batch_size: int, num_workers: int,
+) -> GateDecision:
+    """Read the champion, decide, write: call with the gate lock held.
+
+    Before writing, the champion alias is read again (compare-and-set): if someone moved it
+    outside the lock meanwhile (by hand in the UI, an older visionflow), the gate decides again
+    against the new champion instead of overwriting it. Tags are written before the alias moves,
+    so a crash in between leaves a decision a retry takes again, never an alias without tags.
+    """
+    c = client()
+    for _ in range(_GATE_ATTEMPTS):
+        seen = _champion_version(name)
+        champion = _current_champion(seen, version, ingest, gate.metric, batch_size, num_workers)
+        if champion is not None and champion.version == version:
+            recorded = _recorded_decision(c.get_model_version(name, version).tags or {})
+            if recorded is not None:  # a retried gate whose first attempt already promoted it
+                return recorded
+        decision = decide(gate, version, validation.metrics, ingest.class_names, champion)
+        now = _champion_version(name)
+        if _same_version(seen, now):
+            break
+        run_logger().warning(
+            "champion of %s moved from v%s to v%s while the gate measured it (outside the gate lock): deciding again",
+            name, getattr(seen, "version", None), getattr(now, "version", None),
+        )
+    else:
+        raise RuntimeError(f"the champion alias of {name} kept moving while the gate ran; not promoting v{version}")
+    for key, value in _gate_tags(decision).items():
+        c.set_model_version_tag(name, version, key, value)
+    c.set_registered_model_alias(name, CHALLENGER, version)
+    if decision.promoted:
+        c.set_registered_model_alias(name, CHAMPION, version)
+    return decision
+
+
+def _same_version(a, b) -> bool:
+    return (a is None and b is None) or (a is not None and b is not None and str(a.version) == str(b.version))
+
+
+def _recorded_decision(tags: dict[str, str]) -> GateDecision | None:
+    """The promotion a version's gate tags record, or None when they record none."""
+    if tags.get("visionflow.gate.promoted") != "true":
+        return None
+    champion_score = tags.get("visionflow.gate.champion_score")
+    return GateDecision(
+        promoted=True,
+        reason=tags["visionflow.gate.reason"],
+        metric=tags["visionflow.gate.metric"],
+        challenger_score=float(tags["visionflow.gate.challenger_score"]),
+        champion_score=float(champion_score) if champion_score else None,
+        champion_version=tags.get("visionflow.gate.champion_version") or None,
+    )
 
 
 def _gate_tags(decision: GateDecision) -> dict[str, str]:

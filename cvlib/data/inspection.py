@@ -1,8 +1,10 @@
 """Reading each file the scan found: hash it and validate it as an image, on worker threads.
 
 A file is read once: the same bytes are hashed and decoded, so the hash always describes exactly
-the content that was validated. Whatever goes wrong with one file becomes that file's verdict;
-only an error outside the per-file work (a failing progress callback, an interrupt) stops the run.
+the content that was validated. Whatever the file itself causes (it cannot be read, it is not an
+image, it is damaged or too large) becomes that file's verdict. Anything else is a bug in our own
+code and stops the run, naming the file: quarantining every file because of one typo would look
+like a data problem and hide the bug.
 """
 
 from __future__ import annotations
@@ -10,9 +12,12 @@ from __future__ import annotations
 import hashlib
 import os
 import queue
+import struct
 import threading
 from collections.abc import Callable
 from pathlib import Path
+
+from PIL import Image
 
 from cvlib.data.imageio import ImageReadError, probe
 from cvlib.data.options import DataConfig
@@ -20,6 +25,14 @@ from cvlib.data.scan import ScanEntry
 from cvlib.data.verdicts import FileRecord
 
 READ_WHOLE_LIMIT = 64 << 20  # files up to this size are read once, hashed and decoded from memory
+# What a file can make reading and decoding raise: I/O errors and Pillow's own (UnidentifiedImageError
+# and "image file is truncated" are OSErrors), a decompression bomb, and the ValueError, EOFError,
+# SyntaxError and struct.error Pillow's parsers raise on damaged headers. :func:`probe` already turns
+# these into an ImageReadError; this is the last line for one that escapes it. TypeError,
+# AttributeError, KeyError, NameError, RuntimeError... are ours, and are raised.
+FILE_ERRORS: tuple[type[Exception], ...] = (
+    OSError, Image.DecompressionBombError, ValueError, EOFError, SyntaxError, struct.error,
+)  # fmt: skip
 
 
 def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
@@ -79,15 +92,19 @@ def inspect_file(
 
 
 def _inspect_safely(root: Path, entry: ScanEntry, max_pixels: int, phash: bool) -> FileRecord:
-    """One file's failure, whatever it is, becomes that file's row: ingestion never stops."""
+    """A failure the file caused becomes that file's row and ingestion goes on; any other error
+    is raised with a note naming the file, so a bug fails the run instead of quarantining the data."""
     try:
         # Looked up at call time (a module global) so tests can count or break it.
         return inspect_file(root, entry.path, entry.label, max_pixels, phash=phash, mtime_ns=entry.mtime_ns)
-    except Exception as exc:  # noqa: BLE001
+    except FILE_ERRORS as exc:
         return FileRecord(
             entry.path, entry.label, None, entry.bytes, entry.mtime_ns,
             reason="unreadable", detail=f"{type(exc).__name__}: {exc}",
         )  # fmt: skip
+    except Exception as exc:
+        exc.add_note(f"raised while inspecting {os.path.join(root, entry.path)}: a bug in visionflow, not a bad file")
+        raise
 
 
 def inspect_all(

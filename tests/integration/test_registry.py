@@ -30,15 +30,22 @@ def _register_copy(retrained, name: str, run_tag: str):
 
 def test_gate_re_evaluates_the_champion(retrained, on_servers):
     """A challenger claiming a better score than the champion re-measured on the same split
-    wins; one claiming a worse score does not. Decision and scores are version tags."""
+    wins; one claiming a worse score does not. Decision and scores are version tags.
+
+    On a model of its own: moving the champion of the session's shared model made other tests
+    (the flow's version is champion, scoring @champion) pass only when they ran first."""
+    import uuid
 
     from cvlib.promotion import GateConfig
     from tasks.records import Validation
     from tasks.registry import champion_gate
 
-    name = retrained["name"]
+    name = f"gate-{uuid.uuid4().hex[:8]}"
     client = mlflow_client(os.environ["MLFLOW_TRACKING_URI"])
+    first = _register_copy(retrained, name, "first")
+    assert champion_gate.fn(first, retrained["ingest"], Validation(metrics={"val_top1": 0.0}, n=1), GateConfig()).promoted
     champion_before = client.get_model_version_by_alias(name, "champion").version
+    assert champion_before == first.version
 
     worse = _register_copy(retrained, name, "worse")
     decision = champion_gate.fn(worse, retrained["ingest"], Validation(metrics={"val_top1": -1.0}, n=1), GateConfig())

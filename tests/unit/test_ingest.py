@@ -125,20 +125,45 @@ def test_every_bad_file_gets_its_own_reason(tmp_path):
     assert row(m, "a/truncated.jpg")["sha256"] == hashlib.sha256(good[: len(good) // 2]).hexdigest()
 
 
-def test_an_unexpected_failure_in_one_file_does_not_stop_ingestion(tmp_path, cfg, monkeypatch):
-    make_classes(tmp_path, {"a": 3})
+def test_a_file_error_escaping_the_decoder_quarantines_only_that_file(tmp_path, cfg, monkeypatch):
+    """An error a file can cause (Pillow's "truncated" OSError, a parser's ValueError) that got
+    past probe's mapping is still that file's verdict; the other files are read as usual."""
+    make_classes(tmp_path, {"a": 4})
     real = inspection.inspect_file
+    errors = {"img_001.jpg": OSError("image file is truncated (3 bytes not processed)"), "img_002.jpg": ValueError("tile cannot extend outside image")}
 
     def flaky(root, rel, label, *args, **kwargs):
-        if rel.endswith("img_001.jpg"):
-            raise RuntimeError("libfoo exploded")
+        for name, exc in errors.items():
+            if rel.endswith(name):
+                raise exc
         return real(root, rel, label, *args, **kwargs)
 
     monkeypatch.setattr(inspection, "inspect_file", flaky)
     m, _ = build_manifest(tmp_path, cfg)
-    r = assert_verdict(m, "a/img_001.jpg", "quarantined", "unreadable")
-    assert r["detail"] == "RuntimeError: libfoo exploded"
-    assert (m.loc[m["path"] != "a/img_001.jpg", "status"] == "ok").all()
+    assert assert_verdict(m, "a/img_001.jpg", "quarantined", "unreadable")["detail"] == "OSError: image file is truncated (3 bytes not processed)"
+    assert assert_verdict(m, "a/img_002.jpg", "quarantined", "unreadable")["detail"] == "ValueError: tile cannot extend outside image"
+    assert (m.loc[~m["path"].isin(["a/img_001.jpg", "a/img_002.jpg"]), "status"] == "ok").all()
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+@pytest.mark.parametrize("bug", [TypeError("unsupported operand type(s) for +: 'int' and 'str'"), AttributeError("'NoneType' object has no attribute 'width'"), KeyError("mode"), RuntimeError("libfoo exploded")])
+def test_a_bug_in_our_inspector_fails_loudly_instead_of_quarantining(tmp_path, cfg, monkeypatch, bug, workers):
+    """A bug in our own code is not a bad file: it stops ingestion with the original error and a
+    note naming the file, instead of quietly quarantining every image. Once fixed, all are ok."""
+    make_classes(tmp_path, {"a": 3, "b": 3})
+
+    def broken(root, rel, label, *args, **kwargs):
+        raise bug
+
+    monkeypatch.setattr(inspection, "inspect_file", broken)
+    with pytest.raises(type(bug)) as raised:
+        build_manifest(tmp_path, cfg, workers=workers)
+    assert raised.value is bug
+    note = raised.value.__notes__[-1]
+    assert "raised while inspecting" in note and str(tmp_path) in note and "img_" in note
+    monkeypatch.undo()  # the bug is fixed: nothing was recorded as quarantined in the meantime
+    m, _ = build_manifest(tmp_path, cfg, workers=workers)
+    assert len(m) == 6 and (m["status"] == "ok").all()
 
 
 def test_unreadable_file_is_quarantined(tmp_path, cfg, monkeypatch):

@@ -471,6 +471,7 @@ def test_device_jpeg_path_keeps_one_row_per_file(model, tmp_path):
         assert np.allclose(on.loc[name, "top5_probs"], off.loc[name, "top5_probs"], atol=1e-5)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (nvJPEG)")
 def test_nvjpeg_decoding_agrees_with_pillow_on_cuda(tmp_path):
     torch.manual_seed(0)
