@@ -137,9 +137,9 @@ class DaskCluster:
     """``dask scheduler`` on host A and one ``dask worker`` (one process, one thread) on each
     other host, every process in its own group so a test can SIGKILL one host's worker."""
 
-    def __init__(self, hosts: list[Host], root: Path, prefect_api: str) -> None:
-        self.hosts, self.root, self.prefect_api = hosts, root, prefect_api
-        self.address = f"tcp://{hosts[0].address}:{DASK_PORT}"
+    def __init__(self, hosts: list[Host], root: Path, prefect_api: str, *, port: int = DASK_PORT) -> None:
+        self.hosts, self.root, self.prefect_api, self.port = hosts, root, prefect_api, port
+        self.address = f"tcp://{hosts[0].address}:{port}"
         self.scheduler: subprocess.Popen | None = None
         self.workers: dict[str, subprocess.Popen] = {}
 
@@ -148,16 +148,16 @@ class DaskCluster:
 
     def start(self) -> DaskCluster:
         a = self.hosts[0]
-        log = self.root / "dask-scheduler.log"
+        log = self.root / f"dask-scheduler-{self.port}.log"
         self.scheduler = a.popen(
-            [BIN / "dask", "scheduler", "--host", a.address, "--port", str(DASK_PORT), "--no-dashboard"], env=self.env(a), log=log
+            [BIN / "dask", "scheduler", "--host", a.address, "--port", str(self.port), "--no-dashboard"], env=self.env(a), log=log
         )
-        wait_tcp(a, a.address, DASK_PORT, self.scheduler, log)
+        wait_tcp(a, a.address, self.port, self.scheduler, log)
         for h in self.hosts[1:]:
             self.workers[h.label] = h.popen(
                 [BIN / "dask", "worker", self.address, "--host", h.address, "--nworkers", "1", "--nthreads", "1",
                  "--name", f"host-{h.label}", "--no-dashboard", "--death-timeout", "60"],
-                env=self.env(h), log=self.root / f"dask-worker-{h.label}.log",
+                env=self.env(h), log=self.root / f"dask-worker-{self.port}-{h.label}.log",
             )  # fmt: skip
         self.wait_workers(len(self.hosts) - 1)
         return self
@@ -182,7 +182,7 @@ class DaskCluster:
         self.hosts[0].run([sys.executable, "-c", code], env=self.env(self.hosts[0]), timeout=timeout + 30)
 
     def worker_logs(self) -> str:
-        return "".join(tail(self.root / f"dask-worker-{h.label}.log", 10**6) for h in self.hosts[1:])
+        return "".join(tail(self.root / f"dask-worker-{self.port}-{h.label}.log", 10**6) for h in self.hosts[1:])
 
     def stop(self) -> None:
         for proc in self.workers.values():
