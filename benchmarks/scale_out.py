@@ -135,7 +135,7 @@ def run_netns(args: argparse.Namespace, work: Path) -> int:
         stack.callback(kill_group, server)
         api = f"http://{a.address}:{PREFECT_PORT}/api"
         wait_http(a, f"{api}/health", server, log)
-        clusters = {1: DaskCluster(hosts[:2], work, api, port=8786), 2: DaskCluster(hosts, work, api, port=8787)}
+        clusters = {1: DaskCluster(hosts[:2], work, api, port=8786), 2: DaskCluster(hosts, work, api, port=8796)}
         for c in clusters.values():
             stack.callback(c.stop)
             c.start()
