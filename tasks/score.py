@@ -277,6 +277,25 @@ def plan_scoring(
     )  # fmt: skip
 
 
+def _dask_cancelled():
+    """When this shard runs as a Dask task: a check that is true once Dask has cancelled the task
+    (its client died or released it). Dask cannot interrupt a running task, so without this an
+    abandoned shard would go on writing parts beside the rerun that replaced it."""
+    try:
+        from distributed import get_worker
+
+        worker = get_worker()
+        key = worker.get_current_task()
+    except (ImportError, ValueError, KeyError):
+        return None
+
+    def cancelled() -> bool:
+        ts = worker.state.tasks.get(key)
+        return ts is None or ts.state == "cancelled"
+
+    return cancelled
+
+
 def _worker_name() -> str:
     try:
         from distributed import get_worker
@@ -301,9 +320,12 @@ def score_shard(job: ScoringJob, shard: int, config: ScoreConfig) -> ShardResult
     stats = score_to_parts(
         model, meta, job.root, files, job.layout.parts_dir, model_uri=job.model_uri,
         model_version=job.model_version, config=config, job=job.facts(), shard=shard, sources=job.layout.sources(),
-        progress=ProgressFile(Path(job.progress_dir) / f"shard-{shard:05d}.json"),
+        progress=ProgressFile(Path(job.progress_dir) / f"shard-{shard:05d}.json"), stop=_dask_cancelled(),
     )  # fmt: skip
     worker = _worker_name()
+    if stats.stopped:
+        logger.warning("shard %d on %s stopped after %d files: Dask cancelled it (its client is gone); a rerun resumes it",
+                       shard, worker, stats.processed + stats.skipped)  # fmt: skip
     logger.info(
         "shard %d on %s: %d files, %d scored, %d errors, %d already done, %.1f images/s (%s, %s, %s)",
         shard, worker, stats.files, stats.scored, stats.errors, stats.skipped, stats.images_per_s, stats.engine, stats.device,
@@ -333,6 +355,7 @@ def finish_scoring(job: ScoringJob, results: list[ShardResult], config: ScoreCon
     """Write the single file (or compact the dataset), check every input has exactly one row,
     count the rows and publish the summary."""
     from cvlib.inference.output import finalize_dataset, finalize_single_file
+    from cvlib.inference.resume import clean_stale_temps
 
     logger = run_logger()
     layout, paths = job.layout, job.paths()
@@ -340,6 +363,8 @@ def finish_scoring(job: ScoringJob, results: list[ShardResult], config: ScoreCon
     if job.stat_table and Path(job.stat_table).is_file():  # out of the job folder, which finishing removes
         pending.parent.mkdir(parents=True, exist_ok=True)
         os.replace(job.stat_table, pending)
+    if removed := clean_stale_temps(layout.parts_dir):  # every shard is done: a temp is a killed worker's
+        logger.info("removed %d temporary part files left by a killed worker", removed)
     if layout.single_file:
         class_names, scoring = _single_file_metadata(job, config)
         df = finalize_single_file(layout, job.model_version, paths, class_names=class_names, config=scoring, engine=job.engine)

@@ -61,6 +61,7 @@ class ScoringStats:
     device: str = ""
     precision: str = ""
     engine: str = "torch"
+    stopped: bool = False  # ``stop()`` said so before the last file: the rest is left for a rerun
 
     @property
     def processed(self) -> int:
@@ -229,6 +230,7 @@ def score_to_parts(
     shard: int = 0,
     sources: Iterable[str | os.PathLike[str]] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> ScoringStats:
     """Score ``files`` (relative to ``root``) into part files in ``parts_dir``, skipping those
     already written there (or in ``sources``) for ``model_version`` by the same engine (``model``
@@ -238,6 +240,8 @@ def score_to_parts(
     beside the configuration. ``progress(done, total)`` is called after every batch, skipped
     files counted as done. Parts are named ``part-{shard:05d}-{token}-{seq:05d}.parquet`` with a
     fresh token per call, so retries and concurrent shards never overwrite each other's parts.
+    ``stop()``, asked after every batch, ends the shard early (rows so far are written; the stats
+    say ``stopped``): a worker whose job was abandoned (its client died) must not race the rerun.
     """
     config = config or ScoreConfig()
     parts_dir = Path(parts_dir)
@@ -267,6 +271,9 @@ def score_to_parts(
                 stats.count(rows, skipped)
                 if progress:
                     progress(stats.processed + stats.skipped, len(files))
+                if stop is not None and stop():
+                    stats.stopped = True
+                    break
     finally:
         stats.parts = writer.close()
     stats.seconds = time.perf_counter() - t0

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -61,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     from cvlib.training.fit import fit
 
     config = build_config(args)  # before joining: a bad option fails every rank the same way
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")  # every rank reports its checks
     dinfo = distributed.init_from_env(args.backend)
     try:
         out = Path(args.out)
@@ -84,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
             extra_meta={"dataset_hash": dataset_hash(manifest), "config": config.model_dump(mode="json")},
             on_epoch=lambda r: print(
                 f"epoch {r.epoch}: train_loss {r.train_loss:.4f} val_loss {r.val_loss:.4f} "
-                f"val_top1 {r.val_top1:.4f} ({r.seconds:.1f}s)", flush=True,
+                f"val_top1 {r.val_top1:.4f} ({r.seconds:.1f}s)",
+                flush=True,
             ),
         )
         if dinfo.is_main:

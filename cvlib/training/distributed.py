@@ -131,6 +131,32 @@ def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
         dist.broadcast(b.data, src)
 
 
+def weights_digest(module: torch.nn.Module) -> str:
+    """A short SHA-256 of the module's parameters and buffers (names, dtypes, shapes, bytes)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in [*module.named_parameters(), *module.named_buffers()]:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:15]
+
+
+def agreed_weights_digest(module: torch.nn.Module, epoch: int) -> str:
+    """:func:`weights_digest`, checked equal on every rank: DDP keeps the replicas identical, and
+    if they ever are not (a rank that resumed elsewhere, a buffer left unsynchronised) every rank
+    raises here together instead of checkpointing rank 0's copy as if it were the model."""
+    digest = weights_digest(module)
+    if is_initialized():
+        value = int(digest, 16)  # 60 bits: fits an int64
+        t = torch.tensor([value, -value], dtype=torch.int64).to(_device())
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        if int(t[0]) != -int(t[1]):
+            raise RuntimeError(f"after epoch {epoch} the ranks' weights differ (rank {dist.get_rank()}: {digest})")
+    return digest
+
+
 def wrap_ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """A DDP wrapper over the parameters that train now (DDP fixes its set when it is built, so
     a new training phase needs a new wrapper). Buffers are synchronised at each forward."""

@@ -13,6 +13,7 @@ uninterrupted one.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -41,6 +42,7 @@ from cvlib.training.state import Progress, best_state, last_state, restore
 from cvlib.training.step import TrainStep
 
 LAST = "last.pt"
+_log = logging.getLogger(__name__)
 BEST = "best.pt"
 
 
@@ -99,6 +101,15 @@ def fit(
             if progress.stopping.stopped:
                 break
             record = run_epoch(epoch, step, phases, data, epochs=train.epochs, progress=train.progress)
+            if dinfo.distributed:  # raises on every rank if the replicas ever differ
+                digest = dist_.agreed_weights_digest(model, record.epoch)
+                _log.info(
+                    "rank %d: after epoch %d the weights of all %d ranks are %s",
+                    dinfo.rank,
+                    record.epoch,
+                    dinfo.world_size,
+                    digest,
+                )
             is_best = progress.add(record)
             if dinfo.is_main:
                 last = last_state(step, progress, meta, train.seed)
