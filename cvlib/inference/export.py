@@ -33,6 +33,7 @@ from torch import nn
 from cvlib.inference.engines import EXPORT_RECORD, OpenVINOEngine
 from cvlib.inference.loop import infer_batches
 from cvlib.inference.options import ExportConfig
+from cvlib.training.evaluate import package_split_dataset
 
 __all__ = [
     "Agreement", "ExportRecord", "agreement", "calibration_loader", "convert_to_ir", "export_openvino", "export_package",
@@ -86,21 +87,6 @@ class ExportRecord:
 # --------------------------------------------------------------------------- loaders
 
 
-def _eval_dataset(model_meta: dict, data_root: str | os.PathLike[str], manifest: pd.DataFrame, split: str):
-    from cvlib.data.datasets import ManifestDataset
-    from cvlib.data.transforms import eval_preset_from
-
-    pre = model_meta["preprocessing"]
-    ds = ManifestDataset(data_root, manifest, split, eval_preset_from(pre), draft_size=2 * int(pre["resize_size"]))
-    index = {name: i for i, name in enumerate(model_meta["class_names"])}
-    rows = manifest[(manifest["status"] == "ok") & (manifest["split"] == split)]
-    missing = sorted(set(rows["label"]) - set(index))
-    if missing:
-        raise ValueError(f"the model does not know the classes {missing}")
-    ds.targets = [index[label] for label in rows["label"]]
-    return ds
-
-
 def calibration_loader(model_meta: dict, data_root, manifest: pd.DataFrame, n: int, *, num_workers: int = 0, seed: int = 0):
     """Up to ``n`` training images (a fixed random subset, every class's share), one per batch,
     through the model's evaluation preprocessing: what NNCF measures activation ranges on."""
@@ -108,7 +94,7 @@ def calibration_loader(model_meta: dict, data_root, manifest: pd.DataFrame, n: i
 
     from cvlib.data.datasets import make_loader
 
-    ds = _eval_dataset(model_meta, data_root, manifest, "train")
+    ds = package_split_dataset(model_meta, data_root, manifest, "train")
     if len(ds) == 0:
         raise ValueError("no training images to calibrate the int8 model on")
     picks = np.random.default_rng(seed).permutation(len(ds))[: min(n, len(ds))]
@@ -119,7 +105,7 @@ def validation_loader(model_meta: dict, data_root, manifest: pd.DataFrame, *, ba
     """The whole validation split, (images, targets) in the model's class order."""
     from cvlib.data.datasets import make_loader
 
-    ds = _eval_dataset(model_meta, data_root, manifest, "val")
+    ds = package_split_dataset(model_meta, data_root, manifest, "val")
     if len(ds) == 0:
         raise ValueError("no validation images to measure agreement on")
     return make_loader(ds, batch_size=batch_size, num_workers=num_workers)

@@ -64,6 +64,24 @@ def evaluate(
     return Evaluation(sum(losses) / n, top1, top5, n, targets.numpy(), probs.numpy())
 
 
+def package_split_dataset(meta: dict, data_root, manifest, split: str):
+    """One split of a manifest through a packaged model's own evaluation preprocessing, with
+    targets in the package's class order: a label the model does not know is an error, since its
+    images could never be scored right."""
+    from cvlib.data.datasets import ManifestDataset
+    from cvlib.data.transforms import eval_preset_from
+
+    pre = meta["preprocessing"]
+    ds = ManifestDataset(data_root, manifest, split, eval_preset_from(pre), draft_size=2 * int(pre["resize_size"]))
+    index = {name: i for i, name in enumerate(meta["class_names"])}
+    rows = manifest[(manifest["status"] == "ok") & (manifest["split"] == split)]
+    missing = sorted(set(rows["label"]) - set(index))
+    if missing:
+        raise ValueError(f"the model does not know the classes {missing}")
+    ds.targets = [index[label] for label in rows["label"]]
+    return ds
+
+
 def evaluate_split(
     model: nn.Module,
     meta: dict,
@@ -77,17 +95,9 @@ def evaluate_split(
 ) -> Evaluation:
     """Evaluate a packaged model on one split of a manifest, with the package's own
     preprocessing and its class order mapped onto the manifest's labels."""
-    from cvlib.data.datasets import ManifestDataset, make_loader
-    from cvlib.data.transforms import eval_preset_from
+    from cvlib.data.datasets import make_loader
     from cvlib.models.factory import pick_device
 
-    pre = meta["preprocessing"]
-    ds = ManifestDataset(data_root, manifest, split, eval_preset_from(pre), draft_size=2 * int(pre["resize_size"]))
-    index = {name: i for i, name in enumerate(meta["class_names"])}
-    rows = manifest[(manifest["status"] == "ok") & (manifest["split"] == split)]
-    missing = sorted(set(rows["label"]) - set(index))
-    if missing:
-        raise ValueError(f"the model does not know the classes {missing}")
-    ds.targets = [index[label] for label in rows["label"]]
+    ds = package_split_dataset(meta, data_root, manifest, split)
     dev = pick_device(device)
     return evaluate(model.to(dev), make_loader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers), dev)
