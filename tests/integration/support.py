@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from cvlib.config import RetrainConfig
 from cvlib.data.options import AugmentConfig
 from cvlib.explain.options import ReportConfig
@@ -17,3 +19,14 @@ def small_config(model_name: str, arch: str = "resnet50") -> RetrainConfig:
         report=ReportConfig(samples=6),
         export=ExportConfig(calibration_images=32),  # the export after the gate, at a test's size
     )
+
+
+def scoring_inputs(digits_dir: Path, root: Path, *, every: int, count: int) -> Path:
+    """``count`` real digits (every ``every``-th, names made unique) in class sub-folders of
+    ``root``, plus a text file that claims to be a JPEG: one row with an error."""
+    for i, src in enumerate(sorted(digits_dir.rglob("*.png"))[::every][:count]):
+        dest = root / src.parent.name / f"{i:02d}_{src.name}"
+        dest.parent.mkdir(exist_ok=True)
+        dest.write_bytes(src.read_bytes())
+    (root / "broken.jpg").write_text("not an image")
+    return root

@@ -12,17 +12,13 @@ import pandas as pd
 import pytest
 
 from cvlib.inference.options import ScoreConfig
+from tests.integration.support import scoring_inputs
 
 
 @pytest.fixture(scope="module")
 def inputs(digits_dir, tmp_path_factory) -> Path:
     """30 real digits in sub-folders, plus a text file and an empty file that claim to be images."""
-    root = tmp_path_factory.mktemp("score-inputs")
-    for i, src in enumerate(sorted(digits_dir.rglob("*.png"))[::4][:30]):
-        dest = root / src.parent.name / f"{i:02d}_{src.name}"
-        dest.parent.mkdir(exist_ok=True)
-        dest.write_bytes(src.read_bytes())
-    (root / "broken.jpg").write_text("not an image")
+    root = scoring_inputs(digits_dir, tmp_path_factory.mktemp("score-inputs"), every=4, count=30)
     (root / "empty.png").write_bytes(b"")
     return root
 

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from tests.integration.support import scoring_inputs
 from tests.multihost.conftest import DaskCluster, kill_group, tail
 
 pytestmark = pytest.mark.slow
@@ -30,13 +31,7 @@ FILES = 41  # 40 digits and one unreadable file
 
 @pytest.fixture(scope="module")
 def images(digits_dir, tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("multihost-images")
-    for i, src in enumerate(sorted(digits_dir.rglob("*.png"))[::3][:40]):
-        dest = root / src.parent.name / f"{i:02d}_{src.name}"
-        dest.parent.mkdir(exist_ok=True)
-        dest.write_bytes(src.read_bytes())
-    (root / "broken.jpg").write_text("not an image")
-    return root
+    return scoring_inputs(digits_dir, tmp_path_factory.mktemp("multihost-images"), every=3, count=40)
 
 
 @pytest.fixture(scope="module")
