@@ -17,6 +17,10 @@ as JSON; the run resumes from ``--out/last.pt`` when it is there, so relaunching
 continues it. ``DATA_DIR`` and ``--out`` must be visible to every node (shared storage).
 Register the result afterwards with ``visionflow`` (rank 0's ``best.pt`` is a normal checkpoint).
 Without torchrun (no ``WORLD_SIZE``) it trains in one process.
+
+This module stays pure (no MLflow, no Prefect): ``python -m flows.ddp`` is the same launch with
+a :class:`Tracker` that logs rank 0's run to MLflow. :func:`main` calls a tracker on rank 0 alone,
+so whatever it talks to never hears from the other ranks.
 """
 
 from __future__ import annotations
@@ -25,17 +29,52 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from cvlib.config import RetrainConfig
+    from cvlib.training.records import EpochRecord, FitResult
 
 MANIFEST = "manifest.parquet"
 
 
-def make_parser() -> argparse.ArgumentParser:
+@dataclass(frozen=True)
+class Launch:
+    """What a :class:`Tracker` is told when rank 0 is about to train."""
+
+    data_dir: str
+    out: Path  # the checkpoint folder every rank shares: a tracker keeps its own state here too
+    manifest_path: Path
+    manifest: pd.DataFrame
+    config: RetrainConfig
+    world_size: int
+
+
+class Tracker(Protocol):
+    """Rank 0's companion in a launch (an experiment tracker, in practice): told when training
+    starts, after each epoch (once its ``last.pt`` is on disk) and how the launch ends. Only rank 0
+    builds one, so the other ranks never talk to what it talks to."""
+
+    def started(self, launch: Launch) -> None: ...
+
+    def epoch(self, record: EpochRecord) -> None: ...
+
+    def finished(self, result: FitResult) -> None: ...
+
+    def failed(self, error: BaseException) -> None: ...
+
+
+def make_parser(prog: str = "python -m cvlib.training.ddp") -> argparse.ArgumentParser:
     """The retraining flags and ``--config`` file of ``visionflow retrain`` (declared once, in
     :mod:`cvlib.arguments`), plus what only a launch needs."""
     from cvlib.arguments import add_retrain_arguments
 
-    p = argparse.ArgumentParser(prog="python -m cvlib.training.ddp", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     p.add_argument("data_dir", help="image folder, one sub-folder per class")
     p.add_argument("--out", required=True, help="checkpoint folder (resumed from when it holds last.pt)")
     p.add_argument("--manifest", help="manifest Parquet (default: built by rank 0 into OUT/manifest.parquet)")
@@ -54,8 +93,20 @@ def build_config(args: argparse.Namespace):
         raise SystemExit(f"error: {exc}") from None
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = make_parser().parse_args(argv)
+def _epoch_line(record: EpochRecord) -> None:
+    print(
+        f"epoch {record.epoch}: train_loss {record.train_loss:.4f} val_loss {record.val_loss:.4f} "
+        f"val_top1 {record.val_top1:.4f} ({record.seconds:.1f}s)",
+        flush=True,
+    )
+
+
+def main(
+    argv: list[str] | None = None, *, tracker: Callable[[], Tracker] | None = None, prog: str = "python -m cvlib.training.ddp"
+) -> int:
+    """Parse retrain's flags, join the process group, train. ``tracker`` builds rank 0's
+    :class:`Tracker` (never called on the other ranks)."""
+    args = make_parser(prog).parse_args(argv)
     from cvlib.data.ingest import build_manifest
     from cvlib.data.manifest import class_names, dataset_hash, read_manifest, write_manifest
     from cvlib.training import distributed
@@ -75,21 +126,33 @@ def main(argv: list[str] | None = None) -> int:
             distributed.barrier()
         manifest = read_manifest(manifest_path)
         config.train.progress = config.train.progress and dinfo.is_main and sys.stderr.isatty()
-        result = fit(
-            data_root=args.data_dir,
-            manifest=manifest,
-            class_names=class_names(manifest),
-            train=config.train,
-            augment=config.augment,
-            out_dir=out,
-            resume=True,
-            extra_meta={"dataset_hash": dataset_hash(manifest), "config": config.model_dump(mode="json")},
-            on_epoch=lambda r: print(
-                f"epoch {r.epoch}: train_loss {r.train_loss:.4f} val_loss {r.val_loss:.4f} "
-                f"val_top1 {r.val_top1:.4f} ({r.seconds:.1f}s)",
-                flush=True,
-            ),
-        )
+        rank0 = tracker() if tracker is not None and dinfo.is_main else None
+        if rank0 is not None:
+            rank0.started(Launch(args.data_dir, out, manifest_path, manifest, config, dinfo.world_size))
+
+        def on_epoch(record: EpochRecord) -> None:  # rank 0 only (fit calls it there)
+            if rank0 is not None:
+                rank0.epoch(record)  # first: the line below tells a watcher the epoch is complete
+            _epoch_line(record)
+
+        try:
+            result = fit(
+                data_root=args.data_dir,
+                manifest=manifest,
+                class_names=class_names(manifest),
+                train=config.train,
+                augment=config.augment,
+                out_dir=out,
+                resume=True,
+                extra_meta={"dataset_hash": dataset_hash(manifest), "config": config.model_dump(mode="json")},
+                on_epoch=on_epoch,
+            )
+        except BaseException as exc:
+            if rank0 is not None:
+                rank0.failed(exc)
+            raise
+        if rank0 is not None:
+            rank0.finished(result)
         if dinfo.is_main:
             print(json.dumps(result.to_dict(), default=str), flush=True)
     finally:

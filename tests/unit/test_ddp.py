@@ -1,6 +1,7 @@
 """Distributed training on the CPU: two processes on the gloo backend, launched the way torchrun
 launches them (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), each running
-``python -m cvlib.training.ddp``'s ``main`` with a little instrumentation around it.
+``python -m cvlib.training.ddp``'s ``main`` with a little instrumentation around it (and a
+recording :class:`cvlib.training.ddp.Tracker`, the hook ``python -m flows.ddp`` logs to MLflow with).
 
 One run covers what DDP must guarantee: disjoint shards of every epoch, identical weights on both
 ranks at the end (parameters, BatchNorm statistics and the EMA, across the head -> full phase
@@ -75,10 +76,18 @@ class CapturingEma(train.ModelEma):
         emas.append(self)
 train.ModelEma = CapturingEma
 
+calls = []
+class RecordingTracker:  # what the MLflow launcher (flows.ddp) plugs in
+    def __init__(self): calls.append("built")
+    def started(self, launch): calls.append(f"started, world of {launch.world_size}")
+    def epoch(self, record): calls.append(f"epoch {record.epoch}")
+    def finished(self, result): calls.append(f"finished at epoch {result.history[-1].epoch}")
+    def failed(self, error): calls.append("failed")
+
 from cvlib.training.ddp import main
-main(sys.argv[2:])
+main(sys.argv[2:], tracker=RecordingTracker)
 torch.save({"model": models[-1].state_dict(), "ema": emas[-1].module.state_dict()}, str(report) + ".pt")
-Path(str(report) + ".json").write_text(json.dumps({"shards": shards, "saves": saves}))
+Path(str(report) + ".json").write_text(json.dumps({"shards": shards, "saves": saves, "tracker": calls}))
 """
 
 
@@ -170,6 +179,12 @@ def test_only_rank_zero_checkpoints_and_reports(ddp_run):
     assert last["epoch"] == 2
     for key, value in states[0]["model"].items():
         assert torch.equal(last["model"][key], value), key
+
+
+def test_only_rank_zero_builds_and_calls_the_tracker(ddp_run):
+    _, _, _, reports, _ = ddp_run
+    assert reports[1]["tracker"] == []  # never even built on rank 1: it cannot reach what a tracker talks to
+    assert reports[0]["tracker"] == ["built", "started, world of 2", "epoch 1", "epoch 2", "finished at epoch 2"]
 
 
 def test_validation_metrics_equal_one_process_on_the_whole_split(ddp_run):
