@@ -137,6 +137,11 @@ class MetricLogger:
         with self._lock:
             return len(self._pending)
 
+    def queued_steps(self, key: str) -> set[int]:
+        """The steps of ``key`` still waiting to be delivered (including those read from the spool)."""
+        with self._lock:
+            return {m.step for m in self._pending if m.key == key}
+
     def close(self, timeout: float | None = None) -> None:
         """Deliver everything queued, waiting up to ``timeout`` (default ``flush_timeout``) seconds."""
         deadline = time.monotonic() + (self.flush_timeout if timeout is None else timeout)

@@ -20,6 +20,11 @@ from tasks.tracking import MetricLogger
 METRICS_SPOOL = "unsent-metrics.jsonl"
 
 
+def epoch_metrics(record) -> dict[str, float]:
+    """An epoch's record as the run's metrics at step = epoch (the epoch itself is the step)."""
+    return {k: v for k, v in asdict(record).items() if k != "epoch"}
+
+
 # Tagged "gpu": `prefect concurrency-limit create gpu 1` keeps one training per machine or pool.
 @task(name="fine-tune", tags=["gpu"], timeout_seconds=48 * 3600, persist_result=True)
 def fine_tune(ingest: IngestResult, config: RetrainConfig, checkpoint_dir: str, run_id: str) -> TrainResult:
@@ -37,7 +42,7 @@ def fine_tune(ingest: IngestResult, config: RetrainConfig, checkpoint_dir: str, 
     metrics = MetricLogger(run_id, spool=Path(checkpoint_dir) / METRICS_SPOOL)
 
     def on_epoch(record: EpochRecord) -> None:
-        metrics.log({k: v for k, v in asdict(record).items() if k != "epoch"}, step=record.epoch)
+        metrics.log(epoch_metrics(record), step=record.epoch)
         logger.info(
             "epoch %d: train_loss %.4f val_loss %.4f val_top1 %.4f (%.1fs)",
             record.epoch, record.train_loss, record.val_loss, record.val_top1, record.seconds,

@@ -44,6 +44,19 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
         raise ValueError(f"{path} is not a loadable visionflow checkpoint: {exc}") from exc
 
 
+def read_history(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The per-epoch records a ``last.pt`` holds (empty without one), read through a memory map
+    so the weights and optimizer state are not loaded: what a tracker resuming a run needs to
+    know which epochs are done."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    try:
+        return list(torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("history", []))
+    except Exception as exc:
+        raise ValueError(f"{path} is not a loadable visionflow checkpoint: {exc}") from exc
+
+
 def build_from_meta(meta: dict[str, Any]) -> nn.Module:
     """The model skeleton a package's weights fit into (random init, no download)."""
     head = meta.get("head", {})
