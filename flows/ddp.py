@@ -12,7 +12,8 @@ Rank 0 alone talks to MLflow (``MLFLOW_TRACKING_URI``, set it on every node: ran
 any of them after a restart). It creates the run with the configuration as params (as
 ``visionflow retrain`` does, through :func:`tasks.registry.start_run`), logs each epoch's metrics
 at step = epoch through :class:`tasks.tracking.MetricLogger` (buffered and retried: an MLflow
-server that is away never stops training), and at the end logs ``best.pt`` as the artifact
+server that is away never stops training) and rank 0's machine use (``log_system_metrics``, as
+retrain does), and at the end logs ``best.pt`` as the artifact
 ``checkpoint/best.pt`` and ends the run. The run id is kept in ``OUT/mlflow-run-id``, beside the
 checkpoints: an attempt that torchrun restarts (or a relaunch into the same ``--out``) resumes
 from ``last.pt`` *and* continues the same run, so its history holds each epoch once.
@@ -22,6 +23,7 @@ Registering and gating the model stays with ``visionflow``; this launcher trains
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from pathlib import Path
 
 from cvlib.training.ddp import Launch
@@ -43,9 +45,11 @@ class MlflowTracker:
     def __init__(self) -> None:
         self.run_id: str | None = None
         self._metrics = None  # tasks.tracking.MetricLogger, open while training runs
+        self._open = ExitStack()  # the metric logger and the system-metrics monitor, closed at the end
 
     def started(self, launch: Launch) -> None:
         from tasks.log import run_logger
+        from tasks.registry import system_metrics
         from tasks.tracking import MetricLogger
         from tasks.train import METRICS_SPOOL
 
@@ -57,9 +61,10 @@ class MlflowTracker:
         else:
             run_logger().info("continuing MLflow run %s (from %s)", self.run_id, run_file)
         # Metrics the previous attempt queued but could not send are in the spool: sent first.
-        self._metrics = MetricLogger(self.run_id, spool=launch.out / METRICS_SPOOL)
+        self._metrics = self._open.enter_context(MetricLogger(self.run_id, spool=launch.out / METRICS_SPOOL))
         if continued:
             _backfill(self._metrics, launch.out)
+        self._open.enter_context(system_metrics(self.run_id, launch.config.log_system_metrics))  # rank 0's machine
 
     def epoch(self, record: EpochRecord) -> None:
         from tasks.train import epoch_metrics
@@ -69,7 +74,7 @@ class MlflowTracker:
     def finished(self, result: FitResult) -> None:
         from tasks.registry import end_run, log_artifact, set_run_tag
 
-        self._metrics.close()  # waits until every queued metric is delivered (raises if it cannot)
+        self._open.close()  # stops the monitor, waits until every queued metric is delivered (raises if it cannot)
         if result.stopped_early:
             set_run_tag(self.run_id, "visionflow.stopped_early", result.stop_reason or "true")
         log_artifact(self.run_id, result.best_checkpoint, "checkpoint")
@@ -80,8 +85,7 @@ class MlflowTracker:
         sets it running again."""
         from tasks.registry import end_run
 
-        if self._metrics is not None:
-            self._metrics.__exit__(type(error), error, None)
+        self._open.__exit__(type(error), error, error.__traceback__)  # never raises the delivery's error over this one
         if self.run_id is not None:
             try:
                 end_run(self.run_id, "FAILED")

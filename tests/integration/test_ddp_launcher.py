@@ -61,7 +61,7 @@ def test_a_relaunch_continues_the_run_and_each_epoch_is_logged_once(mlflow_serve
     experiment = f"ddp-{uuid.uuid4().hex[:8]}"
     config = tmp_path / "retrain.json"
     config.write_text(json.dumps({
-        "experiment": experiment, "log_system_metrics": False,
+        "experiment": experiment,  # log_system_metrics on (the default): the monitor runs on rank 0 too
         "augment": {"image_size": 16, "resize_ratio": 1.0, "hflip": 0.0},
         "train": {"arch": "simple_cnn", "weights": "none", "batch_size": 16, "num_workers": 0, "hidden_dim": 16,
                   "warmup_epochs": 0, "progress": False},

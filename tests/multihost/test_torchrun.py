@@ -224,8 +224,8 @@ def test_two_nodes_restart_after_a_killed_node_and_end_as_an_uninterrupted_run(
         assert run["status"] == "FINISHED" and run["artifacts"] == ["checkpoint/best.pt"], run
         assert run["params"]["train.epochs"] == str(EPOCHS) and run["params"]["train.seed"] == "7", run["params"]
         assert {"train_loss", "val_loss", "val_top1", "lr"} <= run["metrics"].keys(), run["metrics"]
-        for key, steps in run["metrics"].items():
-            assert steps == list(range(1, EPOCHS + 1)), (rid, key, steps)
+        for key, steps in run["metrics"].items():  # system/...: rank 0's machine, sampled by time, not by epoch
+            assert key.startswith("system/") or steps == list(range(1, EPOCHS + 1)), (rid, key, steps)
 
     # Rank 0 alone talked to MLflow: it was node A's trainer in every attempt of both jobs, and the
     # server's access log shows requests from node A's address only.
