@@ -165,7 +165,7 @@ def _backfill(metrics, out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return launch_main(argv, tracker=MlflowTracker, prog=PROG)
+    return launch_main(argv, tracker=MlflowTracker, prog=PROG, description=__doc__.split("\n\n")[0])
 
 
 if __name__ == "__main__":

@@ -69,12 +69,12 @@ class Tracker(Protocol):
     def failed(self, error: BaseException) -> None: ...
 
 
-def make_parser(prog: str = "python -m cvlib.training.ddp") -> argparse.ArgumentParser:
+def make_parser(prog: str = "python -m cvlib.training.ddp", description: str | None = None) -> argparse.ArgumentParser:
     """The retraining flags and ``--config`` file of ``visionflow retrain`` (declared once, in
     :mod:`cvlib.arguments`), plus what only a launch needs."""
     from cvlib.arguments import add_retrain_arguments
 
-    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog=prog, description=description or __doc__.split("\n\n")[0])
     p.add_argument("data_dir", help="image folder, one sub-folder per class")
     p.add_argument("--out", required=True, help="checkpoint folder (resumed from when it holds last.pt)")
     p.add_argument("--manifest", help="manifest Parquet (default: built by rank 0 into OUT/manifest.parquet)")
@@ -102,11 +102,15 @@ def _epoch_line(record: EpochRecord) -> None:
 
 
 def main(
-    argv: list[str] | None = None, *, tracker: Callable[[], Tracker] | None = None, prog: str = "python -m cvlib.training.ddp"
+    argv: list[str] | None = None,
+    *,
+    tracker: Callable[[], Tracker] | None = None,
+    prog: str = "python -m cvlib.training.ddp",
+    description: str | None = None,
 ) -> int:
     """Parse retrain's flags, join the process group, train. ``tracker`` builds rank 0's
     :class:`Tracker` (never called on the other ranks)."""
-    args = make_parser(prog).parse_args(argv)
+    args = make_parser(prog, description).parse_args(argv)
     from cvlib.data.ingest import build_manifest
     from cvlib.data.manifest import class_names, dataset_hash, read_manifest, write_manifest
     from cvlib.training import distributed
