@@ -18,7 +18,6 @@ from prefect import task
 from pydantic import BaseModel
 
 from cvlib.config import RetrainConfig, flatten
-from cvlib.data.manifest import read_manifest
 from cvlib.sweep import study as studies
 from cvlib.sweep.options import SweepConfig
 from cvlib.sweep.space import SearchSpace
@@ -123,16 +122,15 @@ def run_trial(
     import optuna
     from optuna.trial import TrialState
 
-    from cvlib.training.fit import fit
     from cvlib.training.records import EpochRecord
+    from tasks.train import train_tracked
 
     logger = run_logger()
     started = time.time()
     handle = studies.trial_handle(trial.storage, trial.study, options, trial.trial_id)
     run_id = _child_run(handle, config, ingest, trial, parent_run_id)
 
-    def on_epoch(record: EpochRecord) -> None:
-        log_metrics(run_id, {k: v for k, v in asdict(record).items() if k != "epoch"}, step=record.epoch)
+    def on_epoch(record: EpochRecord) -> None:  # after the epoch's metrics are queued for the child run
         value = getattr(record, options.objective)
         handle.report(value, record.epoch)
         logger.info("trial %d epoch %d: %s %.4f", trial.number, record.epoch, options.objective, value)
@@ -142,11 +140,7 @@ def run_trial(
                                      f"{options.objective} {value:.4f} worse than its peers at that epoch")  # fmt: skip
 
     try:
-        result = fit(
-            data_root=ingest.data_dir, manifest=read_manifest(ingest.manifest_path), class_names=ingest.class_names,
-            train=config.train, augment=config.augment, out_dir=checkpoint_dir, resume=True,
-            extra_meta={"dataset_hash": ingest.dataset_hash, "config": config.model_dump(mode="json")}, on_epoch=on_epoch,
-        )
+        result = train_tracked(ingest, config, checkpoint_dir, run_id, on_epoch=on_epoch)
     except optuna.TrialPruned as exc:
         set_run_tag(run_id, PRUNED_TAG, "true")
         set_run_tag(run_id, "visionflow.pruned_reason", str(exc))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from prefect.artifacts import create_table_artifact
 
 from cvlib.config import RetrainConfig
 from cvlib.data.manifest import read_manifest
+from cvlib.training.records import EpochRecord, FitResult
 from tasks.log import run_logger
 from tasks.records import IngestResult, TrainResult, Validation
 from tasks.registry import log_artifact, log_artifacts, log_metrics, set_run_tag, system_metrics
@@ -25,31 +27,31 @@ def epoch_metrics(record) -> dict[str, float]:
     return {k: v for k, v in asdict(record).items() if k != "epoch"}
 
 
-# Tagged "gpu": `prefect concurrency-limit create gpu 1` keeps one training per machine or pool.
-@task(name="fine-tune", tags=["gpu"], timeout_seconds=48 * 3600, persist_result=True)
-def fine_tune(ingest: IngestResult, config: RetrainConfig, checkpoint_dir: str, run_id: str) -> TrainResult:
-    """Train with per-epoch metrics in MLflow. Resumes from ``checkpoint_dir/last.pt`` when a
-    previous attempt died, since Prefect does not retry crashed runs by itself."""
+def train_tracked(
+    ingest: IngestResult, config: RetrainConfig, checkpoint_dir: str, run_id: str,
+    on_epoch: Callable[[EpochRecord], None] | None = None,
+) -> FitResult:
+    """:func:`cvlib.training.fit.fit` as every tracked training runs it (retrain's fine-tune, a
+    sweep's trial): resumed from ``checkpoint_dir/last.pt``, each epoch's metrics queued for the
+    MLflow run at step = epoch (buffered and retried, see :class:`tasks.tracking.MetricLogger`),
+    the machine's use sampled into the run, the whole configuration in the package.
+
+    ``on_epoch`` runs after an epoch's metrics are queued; an exception it raises (a pruned
+    trial) ends training, and what was measured is still delivered."""
     from cvlib.training.fit import fit
-    from cvlib.training.records import EpochRecord
 
-    logger = run_logger()
     manifest = read_manifest(ingest.manifest_path)
-    _log_augmentation_preview(ingest.data_dir, manifest, config, checkpoint_dir, run_id)
-
     # Buffered and retried in the background: an MLflow server that is away never stops training,
     # and leaving the block waits for every metric to be delivered before the run goes on.
     metrics = MetricLogger(run_id, spool=Path(checkpoint_dir) / METRICS_SPOOL)
 
-    def on_epoch(record: EpochRecord) -> None:
+    def each_epoch(record: EpochRecord) -> None:
         metrics.log(epoch_metrics(record), step=record.epoch)
-        logger.info(
-            "epoch %d: train_loss %.4f val_loss %.4f val_top1 %.4f (%.1fs)",
-            record.epoch, record.train_loss, record.val_loss, record.val_top1, record.seconds,
-        )
+        if on_epoch is not None:
+            on_epoch(record)
 
     with metrics, system_metrics(run_id, config.log_system_metrics):
-        result = fit(
+        return fit(
             data_root=ingest.data_dir,
             manifest=manifest,
             class_names=ingest.class_names,
@@ -59,8 +61,25 @@ def fine_tune(ingest: IngestResult, config: RetrainConfig, checkpoint_dir: str, 
             resume=True,
             # The package records the whole run's configuration, not only what training reads.
             extra_meta={"dataset_hash": ingest.dataset_hash, "config": config.model_dump(mode="json")},
-            on_epoch=on_epoch,
+            on_epoch=each_epoch,
         )
+
+
+# Tagged "gpu": `prefect concurrency-limit create gpu 1` keeps one training per machine or pool.
+@task(name="fine-tune", tags=["gpu"], timeout_seconds=48 * 3600, persist_result=True)
+def fine_tune(ingest: IngestResult, config: RetrainConfig, checkpoint_dir: str, run_id: str) -> TrainResult:
+    """Train with per-epoch metrics in MLflow. Resumes from ``checkpoint_dir/last.pt`` when a
+    previous attempt died, since Prefect does not retry crashed runs by itself."""
+    logger = run_logger()
+    _log_augmentation_preview(ingest.data_dir, read_manifest(ingest.manifest_path), config, checkpoint_dir, run_id)
+
+    def on_epoch(record: EpochRecord) -> None:
+        logger.info(
+            "epoch %d: train_loss %.4f val_loss %.4f val_top1 %.4f (%.1fs)",
+            record.epoch, record.train_loss, record.val_loss, record.val_top1, record.seconds,
+        )
+
+    result = train_tracked(ingest, config, checkpoint_dir, run_id, on_epoch=on_epoch)
     if result.stopped_early:
         logger.info("early stopping: %s", result.stop_reason)
         set_run_tag(run_id, "visionflow.stopped_early", result.stop_reason or "true")
