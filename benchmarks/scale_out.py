@@ -189,6 +189,42 @@ def hardware_ceiling(batch_size: int, batches: int = 8) -> float:
     return 2 * one / max(two)
 
 
+def _pipeline_seconds(root: str, files: list[str], out: str, batch_size: int) -> float:
+    """Seconds for one worker's own work on ``files`` in this process, on one thread: read,
+    decode, forward, part files (:func:`cvlib.inference.predict.score_to_parts`), without Dask,
+    Prefect or a driver; after one warm-up batch."""
+    import torch
+
+    from cvlib.inference.options import ScoreConfig
+    from cvlib.inference.predict import score_to_parts
+    from cvlib.models.zoo import imagenet_model
+
+    torch.set_num_threads(1)
+    model, meta = imagenet_model(MODEL.split("/")[1], "none")
+    cfg = ScoreConfig(num_workers=0, batch_size=batch_size, precision="fp32", part_size=batch_size * 4)
+    score_to_parts(model, meta, root, files[:batch_size], f"{out}-warm", model_version="warm", config=cfg)
+    t0 = time.perf_counter()
+    score_to_parts(model, meta, root, files, out, model_version=meta["version"], config=cfg)
+    return time.perf_counter() - t0
+
+
+def pipeline_ceiling(root: Path, names: list[str], work: Path, batch_size: int) -> float:
+    """Two independent processes each scoring half the images (the two shards) at once, against
+    one process scoring one half alone: what two cores allow the workers' own pipeline, with
+    nothing else running. The Dask arms can only lose to it (driver, scheduler, nannies, server,
+    task start-up)."""
+    import multiprocessing as mp
+
+    half = len(names) // 2
+    shards = [names[:half], names[half : 2 * half]]
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(1) as pool:
+        one = pool.starmap(_pipeline_seconds, [(str(root), shards[0], str(work / "ceiling-1"), batch_size)])[0]
+    with ctx.Pool(2) as pool:
+        two = pool.starmap(_pipeline_seconds, [(str(root), s, str(work / f"ceiling-2-{i}"), batch_size) for i, s in enumerate(shards)])
+    return 2 * one / max(two)
+
+
 @dataclass
 class Arm:
     """One arm's figures over the rounds."""
@@ -270,6 +306,10 @@ def run_arms(args: argparse.Namespace, clusters: dict, server: list, work: Path)
     ceiling = hardware_ceiling(args.batch_size)
     print(f"hardware ceiling: two independent model-only processes / one = {ceiling:.2f}; "
           f"scale-out reaches {ratio / ceiling:.0%} of it")  # fmt: skip
+    pipeline = pipeline_ceiling(images, names, work, args.batch_size)
+    print(f"pipeline ceiling: two independent processes scoring a shard each (read, decode, forward, part files; "
+          f"no Dask, Prefect or driver) / one = {pipeline:.2f}; scale-out reaches {ratio / pipeline:.0%} of it "
+          f"(load average {os.getloadavg()[0]:.1f})")  # fmt: skip
     return 0
 
 
