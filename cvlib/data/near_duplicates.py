@@ -11,7 +11,8 @@ import itertools
 import numpy as np
 
 NEAR_DUPLICATE_DISTANCE = 4  # pHash bits; re-encodes and rescales land at 0-4, see benchmarks/ingest.py
-_SMALL_BUCKET = 16  # bucket sizes compared position against position; larger ones pair by pair
+_SMALL_BUCKET = 16  # bucket sizes compared position against position; larger ones by _bucket_tree
+_SLICE_ELEMENTS = 1 << 22  # hash comparisons held at once in a crowded bucket (32 MiB of uint64)
 
 
 def _popcount64(x: np.ndarray) -> np.ndarray:
@@ -28,8 +29,8 @@ def near_duplicate_groups(hashes: np.ndarray, distance: int) -> np.ndarray:
     ``distance + 1`` blocks; two hashes within ``distance`` bits agree exactly on at least one
     block (pigeonhole), so only hashes sharing a block value are compared. That keeps it
     near-linear instead of comparing every pair of a large folder. Everything is array work:
-    small buckets (the usual case) are compared all at once, a crowded bucket in slices of
-    bounded memory, and the groups come from label propagation over the close pairs.
+    small buckets (the usual case) are compared all at once, a crowded bucket by a search that
+    skips hashes already grouped (:func:`_bucket_tree`), and the groups come from label propagation over the close pairs.
     """
     hashes = np.asarray(hashes, dtype=np.uint64)
     uniq, inverse = np.unique(hashes, return_inverse=True)
@@ -71,20 +72,53 @@ def _close_pairs(uniq: np.ndarray, distance: int) -> tuple[np.ndarray, np.ndarra
             k = np.flatnonzero(small[:-d] & (bucket[:-d] == bucket[d:]))
             if len(k):
                 keep_close(order[k], order[k + d])
-        # crowded buckets: every pair, in slices of bounded memory
+        # crowded buckets: a search that never compares two hashes already known to be grouped
         for b in np.flatnonzero(sizes > _SMALL_BUCKET):
             idx = order[starts[b] : starts[b] + sizes[b]]
-            values = uniq[idx]
-            for a in range(0, len(idx), 1024):
-                ii, jj = np.nonzero(_popcount64(values[a : a + 1024, None] ^ values[None, :]) <= distance)
-                ii = ii + a
-                upper = ii < jj
-                if upper.any():
-                    left.append(idx[ii[upper]])
-                    right.append(idx[jj[upper]])
+            a, c = _bucket_tree(uniq[idx], distance)
+            left.append(idx[a])
+            right.append(idx[c])
     if not left:
         return None
     return np.concatenate(left), np.concatenate(right)
+
+
+def _bucket_tree(values: np.ndarray, distance: int) -> tuple[np.ndarray, np.ndarray]:
+    """Edges of a spanning forest of the hashes in one crowded bucket (positions into ``values``),
+    linking exactly the hashes that are within ``distance`` bits of each other, transitively.
+
+    Comparing every pair is quadratic, and a crowded bucket is usually a crowd of near-identical
+    pictures (blank skies, a burst of frames): thousands of hashes, nearly all close. So the groups
+    are grown breadth-first: each hash reached is compared only with the hashes not reached yet,
+    and a hash joins its group (and leaves the pool) the first time anything reaches it. A crowd
+    of near-identical pictures then costs about one comparison per hash per search round, not
+    one per pair; only hashes that are all far apart (which do not crowd one block value in
+    practice) still compare pair by pair. Slices keep the comparison matrix under
+    ``_SLICE_ELEMENTS``.
+    """
+    pool = np.arange(len(values))
+    parents: list[np.ndarray] = []
+    children: list[np.ndarray] = []
+    while len(pool):
+        frontier, pool = pool[:1], pool[1:]
+        while len(frontier) and len(pool):
+            parent = np.full(len(pool), -1, dtype=np.int64)
+            step = max(1, _SLICE_ELEMENTS // len(pool))
+            for a in range(0, len(frontier), step):
+                open_ = np.flatnonzero(parent < 0)
+                if not len(open_):
+                    break
+                f = frontier[a : a + step]
+                close = _popcount64(values[f][:, None] ^ values[pool[open_]][None, :]) <= distance
+                hit = close.any(axis=0)
+                parent[open_[hit]] = f[close[:, hit].argmax(axis=0)]
+            reached = parent >= 0
+            parents.append(parent[reached])
+            children.append(pool[reached])
+            frontier, pool = pool[reached], pool[~reached]
+    if not parents:
+        return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
+    return np.concatenate(parents), np.concatenate(children)
 
 
 def _propagate(label: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
