@@ -44,14 +44,18 @@ def _stats(values: pd.Series) -> dict[str, float]:
     return {"min": int(v.min()), "median": float(v.median()), "max": int(v.max())}
 
 
+_OK_COLUMNS = ("path", "label", "split", "width", "height", "format", "n_frames")
+
+
 def summarize(manifest: pd.DataFrame) -> dict:
     """Counts a person wants to see after ingestion (and a Prefect artifact can show)."""
-    ok = manifest[manifest["status"] == "ok"]
+    # Only the columns read below: filtering the whole 19-column manifest copies every string column.
+    ok = manifest.loc[manifest["status"] == "ok", [c for c in _OK_COLUMNS if c in manifest.columns]]
     per_class = ok.groupby(["label", "split"]).size().unstack(fill_value=0)
     counts = ok["label"].value_counts()
     all_labels = sorted({str(x) for x in manifest["label"].dropna()})
     near = manifest["near_duplicate_of"] if "near_duplicate_of" in manifest else pd.Series([None] * len(manifest), dtype=object)
-    near_rows = manifest[near.notna().to_numpy()]
+    near_rows = manifest.loc[near.notna().to_numpy(), ["near_duplicate_of", "label"]]
     # Group-level counts with group-bys (a crowded data set has tens of thousands of near-duplicates).
     leaders = near_rows["near_duplicate_of"].astype(str)
     group_sizes = leaders.value_counts()
@@ -126,7 +130,7 @@ def leakage(manifest: pd.DataFrame, examples: int = 5) -> dict:
         mine = given[dup].to_numpy()
         crossed = pd.notna(mine) & pd.notna(other) & (mine != other)
         exact = [f"{p} = {o}" for p, o in zip(manifest["path"][dup][crossed], manifest["duplicate_of"][dup][crossed], strict=True)]
-    ok = manifest[manifest["status"] == "ok"]
+    ok = manifest.loc[manifest["status"] == "ok", [c for c in ("path", "split", "near_duplicate_of") if c in manifest.columns]]
     near = ok["near_duplicate_of"] if "near_duplicate_of" in ok else pd.Series([None] * len(ok), dtype=object, index=ok.index)
     followers = ok[near.notna().to_numpy()]
     if followers.empty:
