@@ -254,8 +254,8 @@ def class_names(manifest: pd.DataFrame) -> list[str]:
 
 def dataset_hash(manifest: pd.DataFrame) -> str:
     """A hash of what training sees: (label, content, split) of every usable file."""
-    ok = manifest[manifest["status"] == "ok"].sort_values("path")
-    lines = map("{}\0{}\0{}\n".format, ok["label"], ok["sha256"], ok["split"])
+    ok = manifest.loc[manifest["status"] == "ok", ["path", "label", "sha256", "split"]].sort_values("path")
+    lines = map("{}\0{}\0{}\n".format, ok["label"].tolist(), ok["sha256"].tolist(), ok["split"].tolist())
     return hashlib.sha256("".join(lines).encode()).hexdigest()
 
 
