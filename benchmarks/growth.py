@@ -37,6 +37,7 @@ import argparse
 import json
 import os
 import random
+import resource
 import shutil
 import subprocess
 import sys
@@ -162,7 +163,10 @@ def _tree_memory(proc: psutil.Process) -> tuple[int, int]:
 
 
 def run_measured(cmd: list[str], env: dict[str, str], log: Path, poll: float = 0.1) -> dict:
-    """Run ``cmd``; wall time and the peaks of the summed RSS and PSS of the process tree."""
+    """Run ``cmd``; wall time, CPU time (user + system of the command and the children it waited
+    for: what the run costs, whatever else the machine is doing) and the peaks of the summed RSS
+    and PSS of the process tree."""
+    used = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     with open(log, "w") as out:
         proc = psutil.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
@@ -180,10 +184,12 @@ def run_measured(cmd: list[str], env: dict[str, str], log: Path, poll: float = 0
                     pass
             raise
     wall = time.perf_counter() - t0
+    now = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (now.ru_utime - used.ru_utime) + (now.ru_stime - used.ru_stime)
     if proc.returncode != 0:
         tail = log.read_text(errors="replace")[-3000:]
         raise RuntimeError(f"{' '.join(cmd)} exited with {proc.returncode}:\n{tail}")
-    return {"wall_s": wall, "peak_rss": peak, "peak_pss": peak_pss, "load": os.getloadavg()[0]}
+    return {"wall_s": wall, "cpu_s": cpu, "peak_rss": peak, "peak_pss": peak_pss, "load": os.getloadavg()[0]}
 
 
 def _size(path: Path) -> int:
@@ -215,7 +221,7 @@ def _cli(*args: str) -> list[str]:
 
 def _print_row(n: int, what: str, r: dict, size: int) -> None:
     print(
-        f"{n:>8} {what:<18} {r['wall_s']:>8.1f} s {1e3 * r['wall_s'] / n:>8.3f} ms/file "
+        f"{n:>8} {what:<18} {r['wall_s']:>8.1f} s {1e3 * r['wall_s'] / n:>8.3f} ms/file CPU {r['cpu_s']:>6.1f} s "
         f"RSS {r['peak_rss'] / 2**20:>6.0f} MiB (PSS {r['peak_pss'] / 2**20:>5.0f})  out {size / 2**20:>7.2f} MiB  load {r['load']:.1f}",
         flush=True,
     )
@@ -324,6 +330,11 @@ def report(all_results: dict[int, dict], fixed: dict[str, float]) -> None:
                 continue
             first, base = r[stage]["wall_s"], fixed.get(stage, 0.0)
             for rerun, goal in (("unchanged", "unchanged"), ("1%-changed", "changed")):
+                cpu_first, cpu_base = r[stage]["cpu_s"], fixed.get(f"{stage}_cpu", 0.0)
+                cpu_again = r[f"{stage}-{rerun}"]["cpu_s"]
+                if cpu_first > cpu_base:  # CPU seconds: robust to a loaded machine, where wall time is not
+                    net_cpu = max(cpu_again - cpu_base, 0.0) / (cpu_first - cpu_base)
+                    lines.append((f"N={n} {stage}: {rerun} re-run / first, CPU net of {cpu_base:.1f} s start", net_cpu, GOALS[goal], "{:.3f}"))
                 again = r[f"{stage}-{rerun}"]["wall_s"]
                 lines.append((f"N={n} {stage}: {rerun} re-run / first", again / first, GOALS[goal], "{:.3f}"))
                 if first > base:
@@ -373,8 +384,9 @@ def measure_fixed(work: Path, env: dict[str, str], model: Path, *, score: bool) 
     fixed = {}
     for stage, cmd in commands.items():
         run_measured(cmd, env, logs / f"fixed-{stage}-1.log")
-        fixed[stage] = run_measured(cmd, env, logs / f"fixed-{stage}-2.log")["wall_s"]
-        print(f"{'fixed':>8} {stage:<18} {fixed[stage]:>8.1f} s  (an unchanged re-run over 20 files)", flush=True)
+        r = run_measured(cmd, env, logs / f"fixed-{stage}-2.log")
+        fixed[stage], fixed[f"{stage}_cpu"] = r["wall_s"], r["cpu_s"]
+        print(f"{'fixed':>8} {stage:<18} {fixed[stage]:>8.1f} s, CPU {r['cpu_s']:.1f} s  (an unchanged re-run over 20 files)", flush=True)
     shutil.rmtree(data, ignore_errors=True)
     return fixed
 

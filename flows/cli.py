@@ -48,22 +48,21 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
-    from cvlib.data.ingest import build_manifest
-    from cvlib.data.manifest import dataset_hash, write_manifest
+    from cvlib.data.ingest import refresh_manifest
     from cvlib.data.options import DataConfig
-    from cvlib.data.summary import summarize
 
     t0 = time.perf_counter()
     data_dir = _existing(args.data_dir, "data folder", folder=True)
     data_config = section_config(args.config, "data", DataConfig)  # the file retrain takes: its `data` part
-    # Re-ingesting into the same manifest reads only new or changed files.
-    manifest, skipped = build_manifest(data_dir, data_config, previous=args.out)
-    write_manifest(manifest, args.out, metadata={"visionflow.dataset_hash": dataset_hash(manifest)})
-    summary = summarize(manifest) | {"skipped": skipped}
+    # Re-ingesting into the same manifest reads only new or changed files, and leaves an
+    # unchanged folder's manifest as it is.
+    refreshed = refresh_manifest(data_dir, args.out, data_config)
+    summary = refreshed.summary | {"skipped": refreshed.skipped}
     print(summary["layout"]["note"])
     keys = ("files", "ok", "duplicates", "quarantined", "classes", "splits", "reasons", "skipped", "leakage")
     print(json.dumps({k: summary[k] for k in keys}, indent=2))
-    print(f"manifest: {Path(args.out).resolve()} ({time.perf_counter() - t0:.1f}s)")
+    state = f"{refreshed.read} files read" if refreshed.changed else "unchanged, not rewritten"
+    print(f"manifest: {Path(args.out).resolve()} ({state}, {time.perf_counter() - t0:.1f}s)")
     return 0
 
 

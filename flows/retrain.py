@@ -13,6 +13,7 @@ from flows.naming import run_name
 from tasks.environment import mlflow_tracking_uri, runs_dir
 from tasks.explain import check_feature_map_layers, validation_report
 from tasks.ingest import ingest
+from tasks.manifest_log import log_manifest
 from tasks.records import RetrainResult
 from tasks.registry import (
     champion_gate,
@@ -72,7 +73,7 @@ def retrain(data_dir: str, config: RetrainConfig = RetrainConfig(), output_dir: 
             data, trained.best_checkpoint, run_id, trained.history, str(out / "evaluation"),
             batch_size=config.train.batch_size, num_workers=config.train.num_workers,
         )
-        log_artifact(run_id, data.manifest_path, "data")
+        log_manifest(run_id, data.manifest_path)  # uploaded once per content, referenced after
         registered = register_model(run_id, trained.best_checkpoint, config.model_name, validation, example_image=_example_image(data))
         decision = champion_gate(
             registered, data, validation, config.gate, batch_size=config.train.batch_size, num_workers=config.train.num_workers

@@ -20,6 +20,7 @@ from pydantic import BaseModel
 
 from cvlib.inference.options import ExportConfig
 from tasks.log import run_logger
+from tasks.manifest_log import MANIFEST_ARTIFACT, manifest_run_of
 from tasks.registry import client, parse_model_uri, resolve_model
 
 TAG = "visionflow.openvino"
@@ -43,7 +44,7 @@ class ExportResult(BaseModel):
 
 def _version_data(name: str, version: str, data_dir: str | None) -> tuple[str, str]:
     """(data folder, manifest path) the version was trained on: the run's ``data/manifest.parquet``
-    artifact and data folder tag, unless ``data_dir`` is given (then it is ingested here)."""
+    artifact (or that of the run it refers to, see :mod:`tasks.manifest_log`) and data folder tag, unless ``data_dir`` is given (then it is ingested here)."""
     import mlflow
 
     c = client()
@@ -54,7 +55,8 @@ def _version_data(name: str, version: str, data_dir: str | None) -> tuple[str, s
         if not data_dir or not Path(data_dir).is_dir():
             raise ValueError(f"models:/{name}/{version}: its training data folder {data_dir!r} is not here; pass --data DIR")
         tmp = tempfile.mkdtemp(prefix="visionflow-export-")
-        manifest = mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path="data/manifest.parquet", dst_path=tmp)
+        holder = manifest_run_of(run)  # the run that uploaded this content (the version's own, or an earlier one)
+        manifest = mlflow.artifacts.download_artifacts(run_id=holder, artifact_path=MANIFEST_ARTIFACT, dst_path=tmp)
         return data_dir, manifest
     return data_dir, _ingest(data_dir)
 

@@ -8,10 +8,11 @@ from pathlib import Path
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
 
-from cvlib.data.ingest import build_manifest
-from cvlib.data.manifest import class_names, dataset_hash, write_manifest
+from cvlib.data.ingest import refresh_manifest
+from cvlib.data.manifest import read_manifest
 from cvlib.data.options import DataConfig
-from cvlib.data.summary import check_trainable, summarize
+from cvlib.data.summary import check_trainable
+from cvlib.files.atomic import copy_file_atomic
 from tasks.environment import visionflow_home
 from tasks.log import run_logger
 from tasks.records import IngestResult
@@ -20,15 +21,17 @@ from tasks.records import IngestResult
 @task(name="ingest", retries=2, retry_delay_seconds=[5, 30], timeout_seconds=6 * 3600, persist_result=True)
 def ingest(data_dir: str, manifest_path: str, config: DataConfig) -> IngestResult:
     logger = run_logger()
-    # The last manifest of this folder: unchanged files (same size and mtime) are not read again.
+    # The last manifest of this folder: unchanged files (same size and mtime) are not read again,
+    # and an unchanged folder is not even rewritten (its summary comes from the manifest's metadata).
     cache = manifest_cache(data_dir)
-    manifest, skipped = build_manifest(data_dir, config, previous=cache if cache.is_file() else None)
-    summary = summarize(manifest) | {"skipped": skipped}
-    digest = dataset_hash(manifest)
-    names = class_names(manifest)
-    metadata = {"visionflow.dataset_hash": digest, "visionflow.class_names": names}
-    write_manifest(manifest, manifest_path, metadata=metadata)
-    write_manifest(manifest, cache, metadata=metadata)
+    refreshed = refresh_manifest(data_dir, cache, config)
+    if Path(manifest_path).resolve() != cache.resolve():
+        copy_file_atomic(cache, manifest_path)
+    summary = refreshed.summary | {"skipped": refreshed.skipped}
+    digest, names = refreshed.dataset_hash, refreshed.class_names
+    # What the checks and the artifact read: a few columns, not the whole manifest.
+    manifest = read_manifest(cache, columns=["path", "label", "status", "split", "reason"])
+    logger.info("%d files read (%s)", refreshed.read, "manifest rewritten" if refreshed.changed else "nothing changed")
     create_markdown_artifact(key="ingestion-summary", markdown=_markdown(data_dir, summary, manifest), description="Ingestion summary")
     logger.info(
         "ingested %s: %d files, %d usable, %d duplicates, %d quarantined, %d classes",

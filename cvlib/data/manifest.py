@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from cvlib.data.near_duplicates import NEAR_DUPLICATE_DISTANCE, near_duplicate_groups
 from cvlib.data.options import DataConfig
@@ -56,10 +57,14 @@ def _objects(values: Sequence[object]) -> np.ndarray:
     return out
 
 
+def _is_null(values: np.ndarray) -> np.ndarray:
+    return pd.isna(values) if len(values) else np.zeros(0, dtype=bool)
+
+
 @dataclass(slots=True)
 class _Verdicts:
-    """The manifest's columns, one entry per record in input order, while the group-level
-    decisions are being made (each step rewrites some of them in place)."""
+    """The manifest's columns, one entry per row in manifest order, while the group-level
+    decisions are being made (each step rewrites some of them in place, array-wide)."""
 
     path: np.ndarray
     label: np.ndarray
@@ -72,19 +77,26 @@ class _Verdicts:
     near_duplicate_of: np.ndarray
 
     @classmethod
-    def of(cls, records: Sequence[FileRecord]) -> _Verdicts:
-        reason = _objects([r.reason for r in records])
+    def of(cls, cols: Mapping[str, np.ndarray]) -> _Verdicts:
+        n = len(cols["path"])
+        reason = _objects(cols["reason"])
+        status = np.full(n, "quarantined", dtype=object)
+        status[_is_null(reason)] = "ok"
         return cls(
-            path=_objects([r.path for r in records]),
-            label=_objects([r.label for r in records]),
-            sha=_objects([r.sha256 for r in records]),
-            phash=_objects([r.phash for r in records]),
-            status=np.array(["ok" if r is None else "quarantined" for r in reason], dtype=object),
+            path=_objects(cols["path"]),
+            label=_objects(cols["label"]),
+            sha=_objects(cols["sha256"]),
+            phash=_objects(cols["phash"]),
+            status=status,
             reason=reason,
-            detail=_objects([r.detail for r in records]),
-            duplicate_of=np.full(len(records), None, dtype=object),
-            near_duplicate_of=np.full(len(records), None, dtype=object),
+            detail=_objects(cols["detail"]),
+            duplicate_of=np.full(n, None, dtype=object),
+            near_duplicate_of=np.full(n, None, dtype=object),
         )
+
+
+_RECORD_FIELDS = ("path", "label", "sha256", "bytes", "mtime_ns", "width", "height", "format", "mode", "n_frames",
+                  "phash", "reason", "detail")  # fmt: skip
 
 
 def records_to_manifest(
@@ -94,45 +106,90 @@ def records_to_manifest(
     near_duplicate_distance: int | None = NEAR_DUPLICATE_DISTANCE,
     given_splits: Mapping[str, str] | None = None,
 ) -> pd.DataFrame:
-    """Turn per-file records into the manifest: label conflicts, duplicates, near-duplicate
-    groups, splits and class indices (everything that depends on more than one file).
+    """Turn per-file records into the manifest (see :func:`columns_to_manifest`).
 
-    ``near_duplicate_distance`` None: no near-duplicate grouping (each file's key is its hash).
     ``given_splits``: path -> split for files in split folders (see :mod:`cvlib.data.layout`).
     """
-    records = list(records)
-    v = _Verdicts.of(records)
+    records = sorted(records, key=lambda r: nfc(r.path))  # the manifest's row order
+    cols: dict[str, np.ndarray] = {name: _objects([getattr(r, name) for r in records]) for name in _RECORD_FIELDS}
+    for name in ("bytes", "mtime_ns"):
+        cols[name] = cols[name].astype(np.int64)
+    for name in ("width", "height", "n_frames"):
+        cols[name] = np.array([-1 if v is None else v for v in cols[name]], dtype=np.int64)
+    cols["given_split"] = _objects([(given_splits or {}).get(r.path) for r in records])
+    return columns_to_manifest(cols, cfg, near_duplicate_distance=near_duplicate_distance, presorted=True)
+
+
+def columns_to_manifest(
+    cols: Mapping[str, np.ndarray],
+    cfg: DataConfig,
+    *,
+    near_duplicate_distance: int | None = NEAR_DUPLICATE_DISTANCE,
+    presorted: bool = False,
+) -> pd.DataFrame:
+    """Turn per-file records, given as columns (those of :class:`FileRecord` plus ``given_split``;
+    ``width``/``height``/``n_frames`` as int64 with -1 for none), into the manifest: label
+    conflicts, duplicates, near-duplicate groups, splits and class indices (everything that
+    depends on more than one file). Array work throughout: a 100k-file folder costs a few
+    group-bys, not 100k Python steps.
+
+    ``near_duplicate_distance`` None: no near-duplicate grouping (each file's key is its hash).
+    ``presorted``: the rows are already in NFC path order (the manifest's).
+    """
+    if not presorted:
+        order = np.array(sorted(range(len(cols["path"])), key=lambda i: nfc(cols["path"][i])), dtype=np.int64)
+        cols = {name: np.asarray(values)[order] for name, values in cols.items()}
+    v = _Verdicts.of(cols)
     _mark_label_conflicts(v)
-    order = sorted(range(len(records)), key=lambda i: nfc(v.path[i]))  # the manifest's row order
-    _mark_exact_duplicates(v, order)
+    _mark_exact_duplicates(v)
     key = v.sha.copy() if near_duplicate_distance is None else _group_near_duplicates(v, near_duplicate_distance)
-    given = _objects([(given_splits or {}).get(p) for p in v.path])
+    given = _objects(cols["given_split"])
     split = assign_splits(v.status, v.sha, key, cfg, given=given)
-    return _frame(records, v, split, order, given)
+    return _frame(cols, v, split, given)
 
 
 def _mark_label_conflicts(v: _Verdicts) -> None:
     """The same bytes under two labels: which one is right is unknowable, so neither is used."""
-    ok = v.status == "ok"
-    labels_of: dict[str, set[str]] = {}
-    for h, lab in zip(v.sha[ok], v.label[ok], strict=True):
-        labels_of.setdefault(h, set()).add(lab)
-    conflict = ok & np.array([h is not None and len(labels_of.get(h, ())) > 1 for h in v.sha], dtype=bool)
-    v.status[conflict] = "quarantined"
-    v.reason[conflict] = "label_conflict"
-    for i in np.flatnonzero(conflict):
-        v.detail[i] = "same content under classes " + ", ".join(repr(c) for c in sorted(labels_of[v.sha[i]]))
+    ok = np.flatnonzero(v.status == "ok")
+    if len(ok) == 0:
+        return
+    pairs = pd.DataFrame({"sha": v.sha[ok], "label": v.label[ok]})
+    labels = pairs.groupby("sha", sort=False)["label"].nunique()
+    shared = labels.index[labels > 1]
+    if len(shared) == 0:
+        return
+    rows = ok[pairs["sha"].isin(shared).to_numpy()]
+    names = pairs[pairs["sha"].isin(shared)].groupby("sha")["label"].agg(lambda s: sorted(set(s)))
+    v.status[rows] = "quarantined"
+    v.reason[rows] = "label_conflict"
+    for i in rows:
+        v.detail[i] = "same content under classes " + ", ".join(repr(c) for c in names[v.sha[i]])
 
 
-def _mark_exact_duplicates(v: _Verdicts, order: list[int]) -> None:
-    """Exact duplicates inside a class: keep the first path in sorted order, point the rest at it."""
-    kept: dict[str, str] = {}
-    for i in order:
-        if v.status[i] != "ok":
-            continue
-        first = kept.setdefault(v.sha[i], v.path[i])
-        if first != v.path[i]:
-            v.status[i], v.reason[i], v.duplicate_of[i] = "duplicate", "exact_duplicate", first
+def _mark_exact_duplicates(v: _Verdicts) -> None:
+    """Exact duplicates inside a class: keep the first path in (manifest) order, point the rest at it."""
+    ok = np.flatnonzero(v.status == "ok")
+    if len(ok) == 0:
+        return
+    sha = pd.Series(v.path[ok], index=v.sha[ok])
+    again = sha.index.duplicated(keep="first")
+    if not again.any():
+        return
+    first = sha[~again]
+    rows = ok[again]
+    v.status[rows], v.reason[rows] = "duplicate", "exact_duplicate"
+    v.duplicate_of[rows] = first.reindex(v.sha[rows]).to_numpy()
+
+
+def _phash_values(hexes: np.ndarray) -> np.ndarray:
+    """16-hex-digit strings to uint64, in one conversion when they all have 16 digits."""
+    joined = "".join(hexes)
+    if len(joined) == 16 * len(hexes):
+        try:
+            return np.frombuffer(bytes.fromhex(joined), dtype=">u8").astype(np.uint64)
+        except ValueError:
+            pass
+    return np.array([int(h, 16) for h in hexes], dtype=np.uint64)
 
 
 def _group_near_duplicates(v: _Verdicts, distance: int) -> np.ndarray:
@@ -140,38 +197,35 @@ def _group_near_duplicates(v: _Verdicts, distance: int) -> np.ndarray:
     hash in it, so every member of the group lands in the same split (a re-encoded copy in val
     of a train image would measure memory, not generalisation). Sets ``near_duplicate_of``."""
     key = v.sha.copy()
-    rows = np.flatnonzero((v.status == "ok") & np.array([x is not None for x in v.phash], dtype=bool))
+    rows = np.flatnonzero((v.status == "ok") & ~_is_null(v.phash))
     if len(rows) < 2:
         return key
-    hashes = np.array([int(v.phash[i], 16) for i in rows], dtype=np.uint64)
-    members: dict[int, list[int]] = {}
-    for i, g in zip(rows, near_duplicate_groups(hashes, distance), strict=True):
-        members.setdefault(int(g), []).append(int(i))
-    for group in members.values():
-        if len({v.sha[i] for i in group}) < 2:
-            continue
-        leader = min(group, key=lambda i: (v.sha[i], nfc(v.path[i])))
-        for i in group:
-            key[i] = v.sha[leader]
-            if i != leader:
-                v.near_duplicate_of[i] = v.path[leader]
+    groups = near_duplicate_groups(_phash_values(v.phash[rows]), distance)
+    # The leader of a group: its smallest hash, then the first path in manifest (NFC) order.
+    members = pd.DataFrame({"row": rows, "group": groups, "sha": v.sha[rows]})
+    members = members[members.groupby("group")["sha"].transform("nunique") >= 2]
+    if members.empty:
+        return key
+    members = members.sort_values(["group", "sha", "row"], kind="stable")
+    leader = members.groupby("group", sort=False)["row"].transform("first").to_numpy()
+    row = members["row"].to_numpy()
+    key[row] = v.sha[leader]
+    follower = row != leader
+    v.near_duplicate_of[row[follower]] = v.path[leader[follower]]
     return key
 
 
-def _frame(
-    records: list[FileRecord], v: _Verdicts, split: np.ndarray, order: list[int], given: np.ndarray
-) -> pd.DataFrame:
-    """The manifest's table: rows in ``order``, columns in schema order, class indices by name."""
-    classes = sorted({lab for lab, s in zip(v.label, v.status, strict=True) if s == "ok"})
+def _frame(cols: Mapping[str, np.ndarray], v: _Verdicts, split: np.ndarray, given: np.ndarray) -> pd.DataFrame:
+    """The manifest's table: columns in schema order, class indices by name."""
+    classes = sorted(set(v.label[v.status == "ok"]))
     index = {c: i for i, c in enumerate(classes)}
-    take = np.array(order, dtype=np.int64)
-    objects = {
+    data: dict[str, object] = {
         "path": v.path,
         "label": v.label,
-        "label_idx": np.array([index.get(lab, -1) for lab in v.label], dtype=np.int32),
+        "label_idx": pd.Series(v.label, dtype=object).map(index).fillna(-1).to_numpy().astype(np.int32),
         "sha256": v.sha,
-        "format": _objects([r.format for r in records]),
-        "mode": _objects([r.mode for r in records]),
+        "format": _objects(cols["format"]),
+        "mode": _objects(cols["mode"]),
         "phash": v.phash,
         "split": split,
         "given_split": given,
@@ -180,13 +234,12 @@ def _frame(
         "detail": v.detail,
         "duplicate_of": v.duplicate_of,
         "near_duplicate_of": v.near_duplicate_of,
+        "bytes": np.asarray(cols["bytes"], dtype=np.int64),
+        "mtime_ns": np.asarray(cols["mtime_ns"], dtype=np.int64),
     }
-    data: dict[str, object] = {name: column[take] for name, column in objects.items()}
-    ordered = [records[i] for i in take]
-    data["bytes"] = np.array([r.bytes for r in ordered], dtype=np.int64)
-    data["mtime_ns"] = np.array([r.mtime_ns for r in ordered], dtype=np.int64)
     for name in ("width", "height", "n_frames"):
-        data[name] = pd.array([getattr(r, name) for r in ordered], dtype="Int32")
+        values = np.asarray(cols[name], dtype=np.int64)
+        data[name] = pd.arrays.IntegerArray(values.astype(np.int32), values < 0)
     return pd.DataFrame(data, columns=MANIFEST_SCHEMA.names)
 
 
@@ -201,11 +254,9 @@ def class_names(manifest: pd.DataFrame) -> list[str]:
 
 def dataset_hash(manifest: pd.DataFrame) -> str:
     """A hash of what training sees: (label, content, split) of every usable file."""
-    ok = manifest[manifest["status"] == "ok"].sort_values("path")
-    h = hashlib.sha256()
-    for label, digest, split in zip(ok["label"], ok["sha256"], ok["split"], strict=True):
-        h.update(f"{label}\0{digest}\0{split}\n".encode())
-    return h.hexdigest()
+    ok = manifest.loc[manifest["status"] == "ok", ["path", "label", "sha256", "split"]].sort_values("path")
+    lines = map("{}\0{}\0{}\n".format, ok["label"].tolist(), ok["sha256"].tolist(), ok["split"].tolist())
+    return hashlib.sha256("".join(lines).encode()).hexdigest()
 
 
 def write_manifest(manifest: pd.DataFrame, out: str | os.PathLike[str], metadata: dict[str, str] | None = None) -> Path:
@@ -215,8 +266,15 @@ def write_manifest(manifest: pd.DataFrame, out: str | os.PathLike[str], metadata
     return write_table_atomic(table, out, metadata=metadata)
 
 
-def read_manifest(path: str | os.PathLike[str]) -> pd.DataFrame:
-    """Read a manifest; columns added since it was written come back empty."""
+def read_manifest(path: str | os.PathLike[str], columns: Sequence[str] | None = None) -> pd.DataFrame:
+    """Read a manifest (or only ``columns`` of it); columns added since it was written come back empty."""
+    if columns is not None:
+        present = set(pq.read_schema(path).names)
+        df = pd.read_parquet(path, columns=[c for c in columns if c in present])
+        for name in columns:
+            if name not in df.columns:
+                df[name] = None
+        return df
     df = pd.read_parquet(path)
     for name in MANIFEST_SCHEMA.names:
         if name not in df.columns:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 
 import numpy as np
+import pandas as pd
 
 from cvlib.data.options import DataConfig
 
@@ -59,21 +60,26 @@ def assign_splits(
     """
     n = len(status)
     given = np.full(n, None, dtype=object) if given is None else given
-    present = frozenset(g for g in given if g is not None)
+    has_given = pd.notna(given) if n else np.zeros(0, dtype=bool)
+    present = frozenset(given[has_given])
     used = (status == "ok") | (status == "duplicate")
     split = np.full(n, None, dtype=object)
     follow: dict[str, str] = {}
-    for i in np.flatnonzero(used):
-        if given[i] is not None:
-            split[i] = carve_from_train(key[i], cfg, present) if given[i] == "train" else given[i]
-            follow.setdefault(key[i], split[i])
-    for i in np.flatnonzero(status == "ok"):
-        if split[i] is None:
-            split[i] = follow.get(key[i]) or split_for(key[i], cfg)
-    split_of_sha: dict[str, str] = {}
-    for i in np.flatnonzero(status == "ok"):
-        split_of_sha.setdefault(sha[i], split[i])
-    for i in np.flatnonzero(status == "duplicate"):
-        if split[i] is None:  # outside the split folders: the kept copy's split (same bytes, same key)
-            split[i] = split_of_sha.get(sha[i]) or follow.get(key[i]) or split_for(key[i], cfg)
+    for i in np.flatnonzero(used & has_given):  # only files in split folders: a loop over them is fine
+        split[i] = carve_from_train(key[i], cfg, present) if given[i] == "train" else given[i]
+        follow.setdefault(key[i], split[i])
+    # The rest, array-wide: each distinct key is hashed once (a near-duplicate group shares one).
+    free = np.flatnonzero((status == "ok") & ~has_given)
+    if len(free):
+        keys = pd.Series(key[free], dtype=object)
+        by_key = {k: follow.get(k) or split_for(k, cfg) for k in keys.unique()}
+        split[free] = keys.map(by_key).to_numpy()
+    ok = np.flatnonzero(status == "ok")
+    first = pd.Series(split[ok], index=pd.Index(sha[ok], dtype=object))
+    first = first[~first.index.duplicated(keep="first")]
+    dup = np.flatnonzero((status == "duplicate") & ~has_given)
+    if len(dup):  # outside the split folders: the kept copy's split (same bytes, same key)
+        kept = first.reindex(pd.Index(sha[dup], dtype=object)).to_numpy()
+        for j, i in enumerate(dup):
+            split[i] = kept[j] if isinstance(kept[j], str) else (follow.get(key[i]) or split_for(key[i], cfg))
     return split

@@ -4,8 +4,7 @@ ingestion, and whether it can be trained on at all.
 
 from __future__ import annotations
 
-from collections import Counter
-
+import numpy as np
 import pandas as pd
 
 from cvlib.data.layout import layout_note
@@ -45,22 +44,29 @@ def _stats(values: pd.Series) -> dict[str, float]:
     return {"min": int(v.min()), "median": float(v.median()), "max": int(v.max())}
 
 
+_OK_COLUMNS = ("path", "label", "split", "width", "height", "format", "n_frames")
+
+
 def summarize(manifest: pd.DataFrame) -> dict:
     """Counts a person wants to see after ingestion (and a Prefect artifact can show)."""
-    ok = manifest[manifest["status"] == "ok"]
+    # Only the columns read below: filtering the whole 19-column manifest copies every string column.
+    ok = manifest.loc[manifest["status"] == "ok", [c for c in _OK_COLUMNS if c in manifest.columns]]
     per_class = ok.groupby(["label", "split"]).size().unstack(fill_value=0)
     counts = ok["label"].value_counts()
     all_labels = sorted({str(x) for x in manifest["label"].dropna()})
-    near = manifest["near_duplicate_of"] if "near_duplicate_of" in manifest else pd.Series([], dtype=object)
-    near_rows = manifest[near.notna()] if len(near) else manifest.iloc[0:0]
-    groups: dict[str, set[str]] = {}
-    group_sizes: Counter[str] = Counter()
-    for _, row in near_rows.iterrows():
-        leader = str(row["near_duplicate_of"])
-        groups.setdefault(leader, set()).add(str(row["label"]))
-        group_sizes[leader] += 1
-    label_of = dict(zip(manifest["path"].astype(str), manifest["label"].astype(str), strict=True))
-    cross = sum(1 for leader, labs in groups.items() if len(labs | {label_of.get(leader, "")}) > 1)
+    near = manifest["near_duplicate_of"] if "near_duplicate_of" in manifest else pd.Series([None] * len(manifest), dtype=object)
+    near_rows = manifest.loc[near.notna().to_numpy(), ["near_duplicate_of", "label"]]
+    # Group-level counts with group-bys (a crowded data set has tens of thousands of near-duplicates).
+    leaders = near_rows["near_duplicate_of"].astype(str)
+    group_sizes = leaders.value_counts()
+    label_of = pd.Series(manifest["label"].astype(str).to_numpy(), index=manifest["path"].astype(str).to_numpy())
+    label_of = label_of[~label_of.index.duplicated()]
+    pairs = pd.DataFrame({
+        "leader": np.concatenate([leaders.to_numpy(), group_sizes.index.to_numpy()]),
+        "label": np.concatenate([near_rows["label"].astype(str).to_numpy(),
+                                 label_of.reindex(group_sizes.index).fillna("").to_numpy()]),
+    })  # fmt: skip
+    cross = int((pairs.groupby("leader")["label"].nunique() > 1).sum()) if len(pairs) else 0
     return {
         "files": len(manifest),
         "ok": len(ok),
@@ -76,9 +82,9 @@ def summarize(manifest: pd.DataFrame) -> dict:
         "formats": {str(k): int(v) for k, v in ok["format"].value_counts().sort_index().items()},
         "animated": int((pd.to_numeric(ok["n_frames"], errors="coerce").fillna(1) > 1).sum()),
         "near_duplicates": len(near_rows),
-        "near_duplicate_groups": len(groups),
+        "near_duplicate_groups": len(group_sizes),
         "cross_class_near_duplicate_groups": int(cross),
-        "largest_near_duplicate_group": int(max(group_sizes.values()) + 1) if group_sizes else 0,
+        "largest_near_duplicate_group": int(group_sizes.max() + 1) if len(group_sizes) else 0,
         "reasons": {str(k): int(v) for k, v in manifest["reason"].dropna().value_counts().sort_index().items()},
         "layout": layout(manifest),
         "leakage": leakage(manifest),
@@ -115,25 +121,36 @@ def leakage(manifest: pd.DataFrame, examples: int = 5) -> dict:
     shares a split); with given splits it is the data set's own leakage, reported, not repaired.
     """
     given = _given(manifest)
-    given_of = dict(zip(manifest["path"].astype(str), given, strict=True))
+    given_of = pd.Series(given.to_numpy(), index=manifest["path"].astype(str).to_numpy())
+    given_of = given_of[~given_of.index.duplicated()]
+    dup = (manifest["status"] == "duplicate").to_numpy()
     exact = []
-    dup = manifest["status"] == "duplicate"
-    for path, of, g in zip(manifest["path"][dup], manifest["duplicate_of"][dup], given[dup], strict=True):
-        other = given_of.get(str(of))
-        if g is not None and other is not None and other != g:
-            exact.append(f"{path} = {of}")
-    ok = manifest[manifest["status"] == "ok"]
-    near = ok["near_duplicate_of"] if "near_duplicate_of" in ok else pd.Series([], dtype=object)
-    split_of = dict(zip(ok["path"].astype(str), ok["split"], strict=True))
-    groups: dict[str, set[str]] = {}
-    members: dict[str, list[str]] = {}
-    for path, leader in zip(ok["path"][near.notna()], near[near.notna()], strict=True):
-        groups.setdefault(str(leader), {split_of.get(str(leader))}).add(split_of[str(path)])
-        members.setdefault(str(leader), [str(leader)]).append(str(path))
-    crossing = [leader for leader, splits in groups.items() if len(splits - {None}) > 1]
+    if dup.any():
+        other = given_of.reindex(manifest["duplicate_of"][dup].astype(str).to_numpy()).to_numpy()
+        mine = given[dup].to_numpy()
+        crossed = pd.notna(mine) & pd.notna(other) & (mine != other)
+        exact = [f"{p} = {o}" for p, o in zip(manifest["path"][dup][crossed], manifest["duplicate_of"][dup][crossed], strict=True)]
+    ok = manifest.loc[manifest["status"] == "ok", [c for c in ("path", "split", "near_duplicate_of") if c in manifest.columns]]
+    near = ok["near_duplicate_of"] if "near_duplicate_of" in ok else pd.Series([None] * len(ok), dtype=object, index=ok.index)
+    followers = ok[near.notna().to_numpy()]
+    if followers.empty:
+        return {"exact": len(exact), "near_groups": 0, "near_files": 0, "examples": exact[:examples]}
+    split_of = pd.Series(ok["split"].to_numpy(), index=ok["path"].astype(str).to_numpy())
+    leaders = followers["near_duplicate_of"].astype(str)
+    order = pd.unique(leaders.to_numpy())  # groups in order of first appearance
+    members = pd.DataFrame({
+        "leader": np.concatenate([order, leaders.to_numpy()]),
+        "path": np.concatenate([order, followers["path"].astype(str).to_numpy()]),
+        "split": np.concatenate([split_of.reindex(order).to_numpy(), followers["split"].to_numpy()]),
+    })  # fmt: skip
+    splits = members.dropna(subset=["split"]).groupby("leader", sort=False)["split"].nunique()
+    crossing = [leader for leader in order if splits.get(leader, 0) > 1]
+    sizes = members.groupby("leader", sort=False).size()
+    shown = members[members["leader"].isin(crossing[:examples])]
+    paths = shown.groupby("leader", sort=False)["path"].agg(list)
     return {
         "exact": len(exact),
         "near_groups": len(crossing),
-        "near_files": sum(len(members[leader]) for leader in crossing),
-        "examples": exact[:examples] + [" ~ ".join(members[leader]) for leader in crossing[:examples]],
+        "near_files": int(sizes.reindex(crossing).sum()) if crossing else 0,
+        "examples": exact[:examples] + [" ~ ".join(paths[leader]) for leader in crossing[:examples]],
     }

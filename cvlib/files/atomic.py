@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import io
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -120,4 +121,11 @@ def atomic_write(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
 def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> Path:
     with atomic_write(path) as f:
         f.write(data)
+    return Path(path)
+
+
+def copy_file_atomic(source: str | os.PathLike[str], path: str | os.PathLike[str]) -> Path:
+    """A byte copy of ``source`` at ``path``, atomically (a reader never sees half of it)."""
+    with open(source, "rb") as src, atomic_write(path) as dst:
+        shutil.copyfileobj(src, dst, 1 << 20)
     return Path(path)
