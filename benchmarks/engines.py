@@ -132,22 +132,67 @@ def model_only(runs: dict, batches: list[torch.Tensor], rounds: int) -> dict[str
 
 
 def decode_cost(folder: Path, meta: dict, n: int = 96) -> dict[str, float]:
-    """Milliseconds per image of what one decode worker does for scoring (read, hash, decode,
-    preprocess), with JPEG draft mode as scoring uses it and with full decodes."""
+    """Milliseconds per image of what one decode worker does for scoring, by stage: read and
+    hash, JPEG decode (in draft mode as scoring does it, and in full), resize and crop (uint8),
+    float conversion and normalisation; and the whole item as :class:`ScoringDataset` makes it."""
+    import hashlib
+
+    from torchvision.transforms import v2 as T
+
+    from cvlib.data.imageio import load_rgb
     from cvlib.data.transforms import eval_preset_from
     from cvlib.inference.decoding import ScoringDataset
 
+    pre = meta["preprocessing"]
     files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.jpg"))[:n]
-    preset = eval_preset_from(meta["preprocessing"])
-    out = {}
-    for name, draft in (("draft", int(meta["preprocessing"]["resize_size"])), ("full", 1 << 30)):
-        ds = ScoringDataset(folder, files, preset, draft_size=draft)
-        ds[0]
+    preset = eval_preset_from(pre)
+    draft = (int(pre["resize_size"]),) * 2
+    geometric = T.Compose([T.PILToTensor(), T.Resize(int(pre["resize_size"]), antialias=True), T.CenterCrop(int(pre["image_size"]))])
+    numeric = T.Compose([T.ToDtype(torch.float32, scale=True), T.Normalize(pre["mean"], pre["std"])])
+    data = [(folder / f).read_bytes() for f in files]
+
+    def per_image(fn, items) -> tuple[float, list]:
         t0 = time.perf_counter()
-        for i in range(len(ds)):
-            ds[i]
-        out[name] = 1000 * (time.perf_counter() - t0) / len(ds)
-    return out
+        out = [fn(x) for x in items]
+        return 1000 * (time.perf_counter() - t0) / len(items), out
+
+    ms: dict[str, float] = {}
+    ms["read_hash"], _ = per_image(lambda f: hashlib.sha256((folder / f).read_bytes()).hexdigest(), files)
+    ms["decode_full"], _ = per_image(load_rgb, data)
+    ms["decode_draft"], images = per_image(lambda d: load_rgb(d, draft_size=draft), data)
+    ms["resize_crop"], crops = per_image(geometric, images)
+    ms["float_normalize"], _ = per_image(numeric, crops)
+    for name, size in (("item_draft", int(pre["resize_size"])), ("item_full", 1 << 30)):
+        ds = ScoringDataset(folder, files, preset, draft_size=size)
+        ms[name], _ = per_image(ds.__getitem__, range(len(ds)))
+    return ms
+
+
+def draft_agreement(model, meta: dict, folder: Path, n: int = 384) -> tuple[float, int, int]:
+    """Top-1 agreement of the fp32 model on scoring's draft-mode decodes against full decodes of
+    the same files, and how many of them draft mode decoded smaller (the only ones it can change)."""
+    from PIL import Image
+
+    from cvlib.data.transforms import eval_preset_from
+    from cvlib.inference.decoding import ScoringDataset
+
+    pre = meta["preprocessing"]
+    files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.jpg"))[:n]
+    preset = eval_preset_from(pre)
+    reduced = 0
+    for f in files:
+        with Image.open(folder / f) as im:
+            full = im.size
+            im.draft("RGB", (int(pre["resize_size"]),) * 2)
+            reduced += im.size != full
+    top1 = {}
+    model = model.eval()
+    for name, size in (("draft", int(pre["resize_size"])), ("full", 1 << 30)):
+        ds = ScoringDataset(folder, files, preset, draft_size=size)
+        x = torch.stack([ds[i].tensor for i in range(len(ds))])
+        with torch.inference_mode():
+            top1[name] = torch.cat([model(b) for b in x.split(64)]).argmax(1)
+    return float((top1["draft"] == top1["full"]).float().mean()), reduced, len(files)
 
 
 def score_cli(folder: Path, package: Path, out: Path, engine: str, env: dict, workers: int, streams: int) -> float:
@@ -196,10 +241,14 @@ def main() -> None:
     p.add_argument("--train-workers", type=int, default=2)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--loader-workers", type=int, default=1)
+    p.add_argument("--settings", default="", help="more end-to-end settings, WORKERS:STREAMS,... (streams 0: the hint's choice)")
     p.add_argument("--sweep", action="store_true", help="also end to end over decode workers x OpenVINO streams")
     p.add_argument("--workdir", help="keep the data, model and outputs here (default: a temporary folder)")
     p.add_argument("--reuse", action="store_true", help="reuse the workdir's trained package (skip training)")
     p.add_argument("--reexport", action="store_true", help="with --reuse: export again (else reuse the export too)")
+    p.add_argument("--export-config", default="{}", help="ExportConfig fields as JSON (default: the project's defaults)")
+    p.add_argument("--serve-size", type=int, help="with --reuse: serve the trained weights at this input size instead (a package "
+                   "copy whose preprocessing says so; ResNet-50 pools globally), exported and measured there")
     args = p.parse_args()
 
     from cvlib.data.ingest import build_manifest
@@ -226,14 +275,28 @@ def main() -> None:
         print(f"  trained in {secs:.0f}s; best epoch {result.best_epoch}, val top-1 {result.best_val_top1:.4f}")
     if not (work / "score").exists():
         make_photos(work / "score", args.score_per_class, seed=1, scale=args.score_scale)
+    if args.serve_size and args.serve_size != meta["preprocessing"]["image_size"]:
+        from cvlib.training.checkpoint import save_package
+
+        trained_at = meta["preprocessing"]["image_size"]
+        ratio = meta["preprocessing"]["resize_size"] / trained_at
+        meta = json.loads(json.dumps(meta))
+        meta["preprocessing"].update(image_size=args.serve_size, resize_size=round(args.serve_size * ratio))
+        package = work / f"package-{args.serve_size}"
+        if not (package / "openvino" / "export.json").is_file():
+            save_package(model, meta, package)
+            args.reexport = True
+        print(f"serving the weights trained at {trained_at} px at {args.serve_size} px: {package}")
     size = meta["preprocessing"]["image_size"]
     if args.reuse and not args.reexport:
         saved = json.loads((package / "openvino" / "export.json").read_text())
         record = ExportRecord(**(saved | {"candidates": [Agreement(**c) for c in saved["candidates"]]}))
     else:
         t0 = time.perf_counter()
-        record = export_package(model, meta, work / "train", manifest, package / "openvino", ExportConfig())
-        print(f"export + int8 calibration ({record.calibration_images} images) + agreement: {time.perf_counter() - t0:.0f}s")
+        record = export_package(model, meta, work / "train", manifest, package / "openvino",
+                                ExportConfig(**json.loads(args.export_config)))
+        print(f"export + int8 calibration ({record.calibration_images} images) + agreement: {time.perf_counter() - t0:.0f}s; "
+              f"quantization {record.quantization}")
     print(f"  validation: {record.val_images} images, fp32 top-1 {record.val_top1_fp32:.4f}")
     for c in record.candidates:
         print(f"  {c.precision:5s}: top-1 agreement {c.top1_agreement:.4f}, top-5 overlap {c.top5_agreement:.4f}, "
@@ -262,8 +325,10 @@ def main() -> None:
 
     ms = decode_cost(work / "score", meta)
     n_score = len(classes) * args.score_per_class
-    print(f"\ndecode + preprocess, one worker, ms/image: draft {ms['draft']:.2f}, full {ms['full']:.2f} "
-          f"(one core decodes {1000 / ms['draft']:.0f} img/s with draft)")  # fmt: skip
+    print("\ndecode for scoring, one worker, ms/image: " + ", ".join(f"{k} {v:.2f}" for k, v in ms.items()))
+    print(f"  one core decodes {1000 / ms['item_draft']:.0f} img/s as scoring does (draft mode)")
+    agree, reduced, checked = draft_agreement(model, meta, work / "score")
+    print(f"  draft-mode against full decodes: {reduced} of {checked} files decoded smaller, fp32 top-1 agreement {agree:.4f}")
 
     env = dict(os.environ, PYTHONPATH=str(ROOT), VISIONFLOW_HOME=str(work / "home"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
                DO_NOT_TRACK="1")  # fmt: skip
@@ -271,8 +336,11 @@ def main() -> None:
     if "openvino int8 (rejected)" in runs:
         packages["openvino int8 (rejected)"] = ("openvino", forced_int8_package(package, work / "package-int8"))
     settings = [(args.loader_workers, 0)]
+    if args.settings:
+        settings += [tuple(int(x) for x in pair.split(":")) for pair in args.settings.split(",")]
     if args.sweep:
         settings += [(w, s) for w in (1, 2) for s in (1, 2) if (w, s) != (args.loader_workers, 0)]
+    settings = list(dict.fromkeys(settings))
     e2e: dict[tuple, dict[str, list[float]]] = {}
     print(f"\nend to end, `visionflow score` on {n_score} JPEGs; {_uptime()}")
     try:
@@ -300,7 +368,7 @@ def main() -> None:
         print(f"  top-1 agreement with torch on the scored folder: {name}: {a:.4f}")
     summary = {
         "image_size": size, "agreement": [c.__dict__ for c in record.candidates], "decision": record.status,
-        "precision": record.precision, "model_only": mo, "decode_ms": ms, "e2e_agreement": e2e_agreement,
+        "precision": record.precision, "model_only": mo, "decode_ms": ms, "draft_agreement": agree, "e2e_agreement": e2e_agreement,
         "end_to_end": {f"w{w}-s{s}": v for (w, s), v in e2e.items()},
     }  # fmt: skip
     (work / "engines.json").write_text(json.dumps(summary, indent=2))
