@@ -253,7 +253,15 @@ def main() -> None:
 
     from cvlib.data.ingest import build_manifest
     from cvlib.inference.engines import OpenVINOEngine, choose_engine
-    from cvlib.inference.export import INT8_FILE, Agreement, ExportRecord, export_package, validation_loader
+    from cvlib.inference.export import (
+        FP32_FILE,
+        INT8_FILE,
+        Agreement,
+        ExportRecord,
+        _bf16_capable,
+        export_package,
+        validation_loader,
+    )
     from cvlib.inference.loop import InferenceForward
     from cvlib.inference.options import ExportConfig
     from cvlib.models.precision import inference_dtype
@@ -309,6 +317,10 @@ def main() -> None:
     dev = torch.device("cpu")
     forward = InferenceForward(model, dev, inference_dtype("auto", dev), fuse=True)
     runs = {"torch": forward, f"openvino {engine.precision}": engine}
+    fp32_xml = package / "openvino" / FP32_FILE
+    if engine.precision == "int8" and fp32_xml.is_file():  # the floating-point IR beside it, bf16 where native
+        bf16 = OpenVINOEngine(fp32_xml, precision_hint="bf16" if _bf16_capable() else "f32")
+        runs[f"openvino {bf16.precision} IR"] = bf16
     int8_xml = package / "openvino" / INT8_FILE
     if engine.precision != "int8" and int8_xml.is_file():
         runs["openvino int8 (rejected)"] = OpenVINOEngine(int8_xml, int8=True)
