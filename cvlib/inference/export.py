@@ -3,9 +3,13 @@ agrees with the fp32 PyTorch model on the validation split.
 
 * **convert**: ``openvino.convert_model`` on the eval-mode module, batch dimension dynamic, saved
   uncompressed (``compress_to_fp16=False``) as ``model_fp32.xml``.
-* **quantize**: ``nncf.quantize`` on that IR (post-training, one image per calibration step),
+* **quantize**: NNCF post-training quantization of that IR (one image per calibration step),
   calibrated on up to ``calibration_images`` training images through the model's own evaluation
   preprocessing (the same resize, crop and normalisation scoring uses), saved as ``model_int8.xml``.
+  By default with accuracy control (``nncf.quantize_with_accuracy_control``, the metric being top-1
+  agreement with the fp32 model on the validation split): the quantized layers that cost most
+  agreement return to floating point until the gate's threshold is met; optionally the first
+  convolution and the head are never quantized (``keep_stem_and_head``).
 * **agreement is the gate**: every candidate (int8, then bf16 where the CPU has it, then fp32)
   runs over the whole validation split beside the fp32 PyTorch forward; the first whose top-1
   agreement reaches ``min_top1_agreement`` is ``verified``; when none does the record says
