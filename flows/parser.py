@@ -36,6 +36,10 @@ EXPORT_FLAGS: tuple[Flag, ...] = (
     Flag("--min-agreement", "min_top1_agreement", {"type": float,
          "help": "least top-1 agreement with the fp32 model on the validation split (default 0.99)"}),
     Flag("--preset", "preset", {"choices": ["performance", "mixed"], "help": "NNCF quantization preset"}),
+    Flag("--accuracy-control", "accuracy_control", {"action": argparse.BooleanOptionalAction,
+         "help": "NNCF accuracy control: layers that cost top-1 agreement go back to floating point until it is met"}),
+    Flag("--keep-stem-and-head", "keep_stem_and_head", {"action": argparse.BooleanOptionalAction,
+         "help": "leave the first convolution and the classifier head unquantized"}),
 )
 
 # The flags that set a field of ReportConfig (cvlib.explain.options).

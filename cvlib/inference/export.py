@@ -3,9 +3,13 @@ agrees with the fp32 PyTorch model on the validation split.
 
 * **convert**: ``openvino.convert_model`` on the eval-mode module, batch dimension dynamic, saved
   uncompressed (``compress_to_fp16=False``) as ``model_fp32.xml``.
-* **quantize**: ``nncf.quantize`` on that IR (post-training, one image per calibration step),
+* **quantize**: NNCF post-training quantization of that IR (one image per calibration step),
   calibrated on up to ``calibration_images`` training images through the model's own evaluation
   preprocessing (the same resize, crop and normalisation scoring uses), saved as ``model_int8.xml``.
+  By default with accuracy control (``nncf.quantize_with_accuracy_control``, the metric being top-1
+  agreement with the fp32 model on the validation split): the quantized layers that cost most
+  agreement return to floating point until the gate's threshold is met; optionally the first
+  convolution and the head are never quantized (``keep_stem_and_head``).
 * **agreement is the gate**: every candidate (int8, then bf16 where the CPU has it, then fp32)
   runs over the whole validation split beside the fp32 PyTorch forward; the first whose top-1
   agreement reaches ``min_top1_agreement`` is ``verified``; when none does the record says
@@ -37,7 +41,7 @@ from cvlib.training.evaluate import package_split_dataset
 
 __all__ = [
     "Agreement", "ExportRecord", "agreement", "calibration_loader", "convert_to_ir", "export_openvino", "export_package",
-    "quantize_ir", "validation_loader",
+    "quantize_ir", "stem_and_head", "validation_loader",
 ]  # fmt: skip
 
 log = logging.getLogger(__name__)
@@ -72,6 +76,7 @@ class ExportRecord:
     calibration_images: int
     candidates: list[Agreement] = field(default_factory=list)
     seconds: float = 0.0
+    quantization: dict = field(default_factory=dict)  # how the int8 candidate was made (ExportConfig's fields)
 
     @property
     def verified(self) -> bool:
@@ -134,21 +139,65 @@ def convert_to_ir(model: nn.Module, model_meta: dict, out_xml: str | os.PathLike
     return ov_model
 
 
-def quantize_ir(ov_model, calibration: Iterable, subset_size: int, out_xml: str | os.PathLike[str], config: ExportConfig):
+def stem_and_head(ov_model) -> list[str]:
+    """Names of the first convolution and of the MatMuls (the classifier head's linear layers) of
+    an OpenVINO model: the layers an ignored scope keeps in floating point."""
+    ops = ov_model.get_ordered_ops()
+    first_conv = next((op.get_friendly_name() for op in ops if op.get_type_name() == "Convolution"), None)
+    head = [op.get_friendly_name() for op in ops if op.get_type_name() == "MatMul"]
+    return ([first_conv] if first_conv else []) + head
+
+
+def _to_input(item) -> np.ndarray:
+    images = item[0] if isinstance(item, (tuple, list)) else item
+    return images.numpy() if isinstance(images, torch.Tensor) else np.asarray(images, np.float32)
+
+
+def _agreement_items(validation: Iterable, reference_top1: torch.Tensor) -> list[tuple[np.ndarray, int]]:
+    """The validation split as (one image, the fp32 model's top-1) items, NNCF's validation data."""
+    images = np.concatenate([_to_input(batch) for batch in validation])
+    if len(images) != len(reference_top1):
+        raise ValueError(f"{len(images)} validation images but {len(reference_top1)} reference predictions")
+    return [(images[i : i + 1], int(reference_top1[i])) for i in range(len(images))]
+
+
+def _top1_agreement_fn(compiled, items) -> tuple[float, list[float]]:
+    """NNCF's ``validation_fn``: top-1 agreement with the fp32 model, overall and per item."""
+    hits = [float(np.argmax(compiled(image)[0], axis=1)[0] == ref) for image, ref in items]
+    return (float(np.mean(hits)) if hits else 0.0), hits
+
+
+def quantize_ir(
+    ov_model, calibration: Iterable, subset_size: int, out_xml: str | os.PathLike[str], config: ExportConfig, *,
+    validation: Iterable | None = None, reference_top1: torch.Tensor | None = None,
+):  # fmt: skip
     """NNCF post-training int8 quantization of ``ov_model``, calibrated on ``calibration`` (items
-    are (images, ...) pairs or bare image tensors), saved to ``out_xml``."""
+    are (images, ...) pairs or bare image tensors), saved to ``out_xml``.
+
+    ``config.keep_stem_and_head`` leaves the first convolution and the head's MatMuls in floating
+    point. ``config.accuracy_control`` needs ``validation`` ((images, targets) batches) and the fp32
+    model's top-1 on them (``reference_top1``): NNCF then restores the quantized layers that cost
+    most agreement until the drop is at most ``1 - config.min_top1_agreement``."""
     import nncf
     import openvino as ov
 
-    def to_input(item):
-        images = item[0] if isinstance(item, (tuple, list)) else item
-        return images.numpy() if isinstance(images, torch.Tensor) else np.asarray(images, np.float32)
-
     preset = nncf.QuantizationPreset.MIXED if config.preset == "mixed" else nncf.QuantizationPreset.PERFORMANCE
-    quantized = nncf.quantize(
-        ov_model, nncf.Dataset(calibration, to_input), subset_size=subset_size, preset=preset,
-        fast_bias_correction=config.fast_bias_correction,
-    )  # fmt: skip
+    ignored = nncf.IgnoredScope(names=stem_and_head(ov_model)) if config.keep_stem_and_head else None
+    common = {
+        "subset_size": subset_size, "preset": preset, "fast_bias_correction": config.fast_bias_correction,
+        "ignored_scope": ignored,
+    }  # fmt: skip
+    calibration_data = nncf.Dataset(calibration, _to_input)
+    if config.accuracy_control:
+        if validation is None or reference_top1 is None:
+            raise ValueError("accuracy-controlled quantization needs the validation split and the fp32 model's top-1 on it")
+        items = _agreement_items(validation, reference_top1)
+        quantized = nncf.quantize_with_accuracy_control(
+            ov_model, calibration_data, nncf.Dataset(items, lambda item: item[0]), _top1_agreement_fn,
+            max_drop=1.0 - config.min_top1_agreement, drop_type=nncf.DropType.ABSOLUTE, **common,
+        )  # fmt: skip
+    else:
+        quantized = nncf.quantize(ov_model, calibration_data, **common)
     ov.save_model(quantized, str(out_xml), compress_to_fp16=False)
     return quantized
 
@@ -211,7 +260,8 @@ def export_openvino(
     if config.int8:
         if calibration is None or calibration_size < 1:
             raise ValueError("int8 export needs calibration images")
-        quantize_ir(ov_model, calibration, calibration_size, out / INT8_FILE, config)
+        quantize_ir(ov_model, calibration, calibration_size, out / INT8_FILE, config, validation=validation,
+                    reference_top1=reference.argmax(1))
         candidates.append(("int8", INT8_FILE, None))
     if _bf16_capable():
         candidates.append(("bf16", FP32_FILE, "bf16"))
@@ -235,10 +285,15 @@ def export_openvino(
         status="verified" if chosen else "rejected", precision=chosen[0] if chosen else None, file=chosen[1] if chosen else None,
         fp32_file=FP32_FILE, reason=reason, min_top1_agreement=config.min_top1_agreement, val_images=len(targets),
         val_top1_fp32=val_top1, calibration_images=calibration_size if config.int8 else 0, candidates=measured,
-        seconds=time.perf_counter() - t0,
+        seconds=time.perf_counter() - t0, quantization=_quantization(config) if config.int8 else {},
     )  # fmt: skip
     (out / EXPORT_RECORD).write_text(record.to_json())
     return record
+
+
+def _quantization(config: ExportConfig) -> dict:
+    keys = ("calibration_images", "preset", "fast_bias_correction", "keep_stem_and_head", "accuracy_control")
+    return {k: getattr(config, k) for k in keys}
 
 
 def _reason(measured: list[Agreement], threshold: float) -> str:

@@ -58,5 +58,15 @@ class ExportConfig(StrictModel):
         "performance", description="NNCF preset: symmetric (performance) or asymmetric activations (mixed)."
     )
     fast_bias_correction: bool = Field(True, description="NNCF's fast bias correction (the slow one is more exact, much slower).")
+    keep_stem_and_head: bool = Field(
+        False, description="Leave the first convolution and the classifier head (its MatMuls) unquantized (NNCF ignored "
+        "scope): the layers int8 hurts most, a few percent of the compute."
+    )
+    accuracy_control: bool = Field(
+        True, description="nncf.quantize_with_accuracy_control: quantize, then return the quantized layers that cost most "
+        "top-1 agreement with the fp32 model (on the validation split) to floating point, until the drop is at most "
+        "1 - min_top1_agreement. When plain quantization already agrees it costs two passes over the validation split; "
+        "when it does not, it is what lets an int8 model pass the gate at all (slower to export)."
+    )
     batch_size: int = Field(32, ge=1, description="Images per forward while calibrating and measuring agreement.")
     num_workers: int = Field(0, ge=0, description="DataLoader workers for calibration and agreement (0: in this process).")

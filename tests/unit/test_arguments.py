@@ -139,3 +139,18 @@ def test_ingest_reads_the_data_section_alone(tmp_path):
     cfg.write_text(json.dumps({"data": 5}))
     with pytest.raises(OptionsError, match=r"c.json: data: input should be a valid dictionary"):
         section_config(str(cfg), "data", DataConfig)
+
+
+def test_export_flags_set_the_quantization_options_and_absent_ones_keep_the_defaults():
+    from cvlib.arguments import options_from
+    from cvlib.inference.options import ExportConfig
+    from flows.parser import EXPORT_FLAGS, make_parser
+
+    parser = make_parser()
+    args = parser.parse_args(["export", "models:/m/1", "--int8", "--accuracy-control", "--keep-stem-and-head"])
+    cfg = options_from(ExportConfig, EXPORT_FLAGS, args, int8=True)
+    assert cfg.accuracy_control and cfg.keep_stem_and_head
+    args = parser.parse_args(["export", "models:/m/1", "--no-accuracy-control"])
+    cfg = options_from(ExportConfig, EXPORT_FLAGS, args, int8=False)
+    assert cfg.accuracy_control is False
+    assert cfg.keep_stem_and_head == ExportConfig().keep_stem_and_head

@@ -12,7 +12,16 @@ import torch
 
 from cvlib.data.ingest import build_manifest
 from cvlib.inference.engines import EXPORT_RECORD, OpenVINOEngine, choose_engine, openvino_dir, read_export_record
-from cvlib.inference.export import INT8_FILE, export_openvino, export_package, validation_loader
+from cvlib.inference.export import (
+    FP32_FILE,
+    INT8_FILE,
+    calibration_loader,
+    export_openvino,
+    export_package,
+    quantize_ir,
+    stem_and_head,
+    validation_loader,
+)
 from cvlib.inference.options import ExportConfig, ScoreConfig
 from cvlib.inference.output import PART_GLOB, finalize_dataset, output_layout, read_predictions
 from cvlib.inference.predict import score_to_parts
@@ -66,6 +75,7 @@ def test_export_writes_the_ir_and_a_verified_int8_record(package):
     saved = read_export_record(pkg)
     assert saved["status"] == "verified" and saved["precision"] == "int8" and saved["file"] == INT8_FILE
     assert saved["calibration_images"] == 16 and saved["val_images"] > 0
+    assert saved["quantization"]["calibration_images"] == 16 and set(saved["quantization"]) >= {"accuracy_control", "keep_stem_and_head"}
     int8 = saved["candidates"][0]
     assert int8["precision"] == "int8" and int8["passed"] and 0.0 <= int8["top1_agreement"] <= 1.0
     assert 0.0 <= saved["val_top1_fp32"] <= 1.0 and saved["seconds"] > 0
@@ -93,7 +103,7 @@ def test_broken_quantization_is_rejected_and_the_reason_recorded(trained, digits
     blank = [torch.zeros(1, 3, 32, 32)]
     record = export_openvino(
         trained, META, tmp_path / "openvino", validation=val, calibration=blank, calibration_size=1,
-        config=ExportConfig(min_top1_agreement=0.99),
+        config=ExportConfig(min_top1_agreement=0.99, accuracy_control=False, keep_stem_and_head=False),
     )  # fmt: skip
     int8 = record.candidate("int8")
     assert int8 is not None and not int8.passed and int8.top1_agreement < 0.99
@@ -105,6 +115,45 @@ def test_broken_quantization_is_rejected_and_the_reason_recorded(trained, digits
         assert record.reason.endswith("PyTorch is kept")
     saved = json.loads((tmp_path / "openvino" / EXPORT_RECORD).read_text())
     assert saved["candidates"][0]["passed"] is False and saved["reason"] == record.reason
+
+
+def _first_conv_input(xml) -> str:
+    """The type of the op that feeds the first convolution of an IR (FakeQuantize when quantized)."""
+    import openvino as ov
+
+    model = ov.Core().read_model(str(xml))
+    conv = next(op for op in model.get_ordered_ops() if op.get_type_name() == "Convolution")
+    return conv.input_value(0).get_node().get_type_name()
+
+
+def test_stem_and_head_stay_in_floating_point_when_asked(package, digits_dir, manifest, tmp_path):
+    import openvino as ov
+
+    pkg, _ = package
+    fp32 = ov.Core().read_model(str(pkg / "openvino" / FP32_FILE))
+    names = stem_and_head(fp32)
+    kinds = {op.get_friendly_name(): op.get_type_name() for op in fp32.get_ordered_ops()}
+    assert [kinds[n] for n in names] == ["Convolution", "MatMul", "MatMul"]  # SimpleCNN: a conv stem, a two-layer head
+    assert _first_conv_input(pkg / "openvino" / INT8_FILE) == "FakeQuantize"  # by default the stem is quantized
+    calib = calibration_loader(META, digits_dir, manifest, 8)
+    quantize_ir(fp32, calib, len(calib), tmp_path / "kept.xml", ExportConfig(keep_stem_and_head=True, accuracy_control=False))
+    assert _first_conv_input(tmp_path / "kept.xml") != "FakeQuantize"
+    kept = ov.Core().read_model(str(tmp_path / "kept.xml"))
+    assert any(op.get_type_name() == "FakeQuantize" for op in kept.get_ordered_ops())  # the rest is int8
+
+
+def test_accuracy_control_restores_what_a_broken_calibration_breaks(trained, digits_dir, manifest, tmp_path):
+    """The blank calibration of the test below, with NNCF's accuracy control: layers go back to
+    floating point until the int8 model agrees with fp32 again, and the gate verifies it."""
+    val = validation_loader(META, digits_dir, manifest, batch_size=16)
+    blank = [torch.zeros(1, 3, 32, 32)]
+    config = ExportConfig(min_top1_agreement=0.99, accuracy_control=True)
+    record = export_openvino(trained, META, tmp_path / "openvino", validation=val, calibration=blank, calibration_size=1, config=config)
+    int8 = record.candidate("int8")
+    assert int8 is not None and int8.passed and int8.top1_agreement >= 0.99
+    assert record.precision == "int8" and record.quantization["accuracy_control"] is True
+    with pytest.raises(ValueError, match="validation split"):
+        quantize_ir(None, blank, 1, tmp_path / "x.xml", config)
 
 
 def test_engine_choice(tmp_path, package):
