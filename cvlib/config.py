@@ -18,13 +18,18 @@ from cvlib.promotion import GateConfig
 from cvlib.strict import StrictModel
 from cvlib.training.options import TrainConfig
 
-__all__ = ["RetrainConfig", "flatten", "merge_into"]
+__all__ = ["MODEL_NAME_PATTERN", "RetrainConfig", "flatten", "merge_into"]
+
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$"
 
 
 class RetrainConfig(StrictModel):
     """Everything one retraining run needs beyond the data folder."""
 
-    model_name: str = Field("visionflow", description="Registered model name in MLflow.")
+    # The name is quoted into MLflow search filters and names the gate's Prefect concurrency
+    # limit: a quote or a space there would break both, so only a plain name is allowed.
+    model_name: str = Field("visionflow", pattern=MODEL_NAME_PATTERN,
+                            description="Registered model name in MLflow: letters, digits, '.', '_' and '-'.")
     experiment: str = Field("visionflow", description="MLflow experiment name.")
     data: DataConfig = Field(default_factory=DataConfig)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)

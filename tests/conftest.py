@@ -77,11 +77,18 @@ def _start_mlflow(root: Path, backend_uri: str, name: str):
 
 
 @pytest.fixture(scope="session")
-def mlflow_server(session_root: Path):
+def mlflow_server_sqlite(session_root: Path):
     """A real `mlflow server` (SQLite backend, local artifacts) on a free loopback port."""
     ctx, url = _start_mlflow(session_root, f"sqlite:///{session_root / 'mlflow-server.db'}", "mlflow-sqlite")
     with ctx:
         yield url
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(mlflow_server_sqlite: str) -> str:
+    """The MLflow server of the end-to-end and multi-host tests: SQLite. The integration tests
+    override this with the server of their backend (tests/integration/conftest.py)."""
+    return mlflow_server_sqlite
 
 
 # --------------------------------------------------------------------------- PostgreSQL
@@ -170,12 +177,19 @@ def _start_prefect(root: Path, name: str, **extra_env: str):
 
 
 @pytest.fixture(scope="session")
-def prefect_server(session_root: Path):
+def prefect_server_sqlite(session_root: Path):
     """A real `prefect server start` (SQLite) on a free loopback port; yields its API URL."""
     ctx, url = _start_prefect(session_root, "prefect-sqlite")
     with ctx:
         yield url
         _flush_prefect_logs()
+
+
+@pytest.fixture(scope="session")
+def prefect_server(prefect_server_sqlite: str) -> str:
+    """The Prefect server of the end-to-end and multi-host tests: SQLite (overridden per backend
+    in the integration tests, as ``mlflow_server`` is)."""
+    return prefect_server_sqlite
 
 
 @pytest.fixture(scope="session")
@@ -190,8 +204,10 @@ def prefect_server_postgres(session_root: Path, prefect_postgres_url: str):
         _flush_prefect_logs()
 
 
-# The integration flows that must hold on both backends take these: one session server of each
-# kind per backend, started only when a test of that backend runs.
+# The integration suite runs on both backends: tests/integration/conftest.py makes its
+# ``mlflow_server`` and ``prefect_server`` these, so every integration test that talks to a server
+# runs twice, on one session server of each kind per backend (started only when a test of that
+# backend runs; pytest groups the tests by the session-scoped parameter, so each starts once).
 BACKENDS = ("sqlite", "postgres")
 
 
@@ -203,13 +219,29 @@ def backend(request) -> str:
 @pytest.fixture(scope="session")
 def mlflow_server_on(backend: str, request) -> str:
     """The session's MLflow server on ``backend`` (SQLite or PostgreSQL)."""
-    return request.getfixturevalue("mlflow_server" if backend == "sqlite" else "mlflow_server_postgres")
+    return request.getfixturevalue("mlflow_server_sqlite" if backend == "sqlite" else "mlflow_server_postgres")
 
 
 @pytest.fixture(scope="session")
 def prefect_server_on(backend: str, request) -> str:
     """The session's Prefect server on ``backend`` (SQLite or PostgreSQL)."""
-    return request.getfixturevalue("prefect_server" if backend == "sqlite" else "prefect_server_postgres")
+    return request.getfixturevalue("prefect_server_sqlite" if backend == "sqlite" else "prefect_server_postgres")
+
+
+@pytest.fixture
+def fresh_store_url(backend: str, tmp_path: Path, request) -> str:
+    """A store of this test alone on ``backend``, for a server the test starts itself (to kill
+    and restart it): a new SQLite file, or a new PostgreSQL database dropped after the test."""
+    if backend == "sqlite":
+        return f"sqlite:///{tmp_path / 'store.db'}"
+    return request.getfixturevalue("fresh_postgres_db")
+
+
+def prefect_database_env(store_url: str) -> dict[str, str]:
+    """The environment that puts a Prefect server on ``store_url`` (a SQLAlchemy URL as
+    ``fresh_store_url`` gives): Prefect's server speaks aiosqlite and asyncpg."""
+    async_url = store_url.replace("sqlite:///", "sqlite+aiosqlite:///").replace("postgresql+psycopg2://", "postgresql+asyncpg://")
+    return {"PREFECT_API_DATABASE_CONNECTION_URL": async_url}
 
 
 def _flush_prefect_logs() -> None:
@@ -217,6 +249,19 @@ def _flush_prefect_logs() -> None:
     batches every few seconds; otherwise the last test's logs fail with "Error logging to API")."""
     from prefect.logging.handlers import APILogWorker
 
+    APILogWorker.drain_all(timeout=5)
+
+
+def flush_prefect_workers() -> None:
+    """Deliver and stop this process's Prefect event and log workers before it talks to another
+    server. Prefect keeps one events worker per process, bound to the API URL of the moment it
+    started (its key does not hold the URL), and the server records task runs from those events:
+    after a switch of ``PREFECT_API_URL`` in the same process, the new server's flow runs would
+    get their task runs on the old server. The next event starts a worker for the current URL."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    EventsWorker.drain_all(timeout=10)
     APILogWorker.drain_all(timeout=5)
 
 
@@ -268,8 +313,10 @@ def use_prefect(monkeypatch):
     stack = ExitStack()
 
     def _use(url: str) -> None:
+        flush_prefect_workers()  # events of earlier flows go to their server, this test's to ``url``
         monkeypatch.setenv("PREFECT_API_URL", url)
         stack.enter_context(temporary_settings(updates={PREFECT_API_URL: url}))
 
     yield _use
+    flush_prefect_workers()
     stack.close()

@@ -1,4 +1,12 @@
-"""Fixtures shared by the integration tests: one real retraining run on real servers."""
+"""Fixtures shared by the integration tests: the servers of a backend, and one real retraining
+run on them.
+
+The whole integration suite runs on both backends: ``mlflow_server`` and ``prefect_server`` are
+here the session servers of the ``backend`` parameter (SQLite, then PostgreSQL: MLflow's store
+through psycopg2, Prefect's server through asyncpg; see tests/conftest.py). So every test that
+talks to a server, directly or through ``retrained``, ``on_servers`` or ``on_prefect``, runs
+once per backend, and its PostgreSQL half carries the ``postgres`` marker.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +15,18 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import reset_mlflow_globals
+from tests.conftest import flush_prefect_workers, reset_mlflow_globals
 from tests.integration.support import small_config
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(mlflow_server_on: str) -> str:
+    return mlflow_server_on
+
+
+@pytest.fixture(scope="session")
+def prefect_server(prefect_server_on: str) -> str:
+    return prefect_server_on
 
 
 @pytest.fixture(scope="session")
@@ -24,9 +42,11 @@ def retrained(digits_dir, mlflow_server, prefect_server, tmp_path_factory):
     mp.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     mp.setenv("MLFLOW_REGISTRY_URI", mlflow_server)
     mp.setenv("PREFECT_API_URL", prefect_server)
+    flush_prefect_workers()
     try:
         with temporary_settings(updates={PREFECT_API_URL: prefect_server}):
             result = retrain(data_dir=str(digits_dir), config=small_config(name), output_dir=str(out))
+            flush_prefect_workers()  # the run's task-run events reach this server, not the next test's
     finally:  # nothing process-wide outlives the fixture's setup
         reset_mlflow_globals()
         mp.undo()

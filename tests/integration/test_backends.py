@@ -1,66 +1,40 @@
-"""The core flows on both backends: MLflow and the Prefect server on SQLite, and both on
-PostgreSQL (the production backend; Prefect's server through asyncpg).
+"""Both backends are what they claim to be.
 
-The round trip (retrain -> register -> champion -> score by alias) runs once per backend on
-that backend's session servers; the ``postgres`` half carries the ``postgres`` marker (see
-tests/conftest.py). A store-level test runs on a database of its own (``fresh_postgres_db``).
+The whole integration suite runs once per backend (``backend``: SQLite, then PostgreSQL for the
+MLflow store and for the Prefect server, see tests/integration/conftest.py). These tests check
+the PostgreSQL half from the database side: the session's retraining run is rows in PostgreSQL,
+not in some SQLite file a misconfigured server fell back to. A store-level test runs on a
+database of its own (``fresh_postgres_db``), made and dropped around it.
 """
 
 from __future__ import annotations
 
-import uuid
-
-import pandas as pd
 import pytest
-
-from cvlib.inference.options import ScoreConfig
-from tests.conftest import mlflow_client
-from tests.integration.support import small_config
 
 pytestmark = pytest.mark.slow
 
 
-def test_retrain_register_and_score_round_trip(backend, mlflow_server_on, prefect_server_on, use_mlflow, use_prefect,
-                                               digits_dir, tmp_path):  # fmt: skip
-    from prefect import get_client
+def _rows(url: str, sql: str, *args) -> list[tuple]:
+    import psycopg2
 
-    from flows.retrain import retrain
-    from flows.score import score
-    from tasks.registry import register_model
-
-    use_mlflow(mlflow_server_on)
-    use_prefect(prefect_server_on)
-    name = f"{backend}-{uuid.uuid4().hex[:8]}"
-    result = retrain(data_dir=str(digits_dir), config=small_config(name, arch="simple_cnn"), output_dir=str(tmp_path / "run"))
-    assert result.version == "1" and result.promoted
-
-    client = mlflow_client(mlflow_server_on)
-    assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
-    run = client.get_run(result.run_id)
-    assert run.info.status == "FINISHED"
-    assert [m.step for m in sorted(client.get_metric_history(result.run_id, "train_loss"), key=lambda m: m.step)] == [1]
-    # A retried registration finds the version of its run: still exactly one.
-    again = register_model.fn(result.run_id, result.checkpoint, name, _validation(result))
-    assert again.version == "1" and len(client.search_model_versions(f"name = '{name}'")) == 1
-
-    with get_client(sync_client=True) as prefect:
-        flow_run = prefect.read_flow_run(result.flow_run_id)
-    assert flow_run.state.is_completed()
-
-    inputs = tmp_path / "inputs"
-    inputs.mkdir()
-    for src in sorted((digits_dir / "7").glob("*.png"))[:3]:
-        (inputs / src.name).write_bytes(src.read_bytes())
-    out = tmp_path / "pred.parquet"
-    score(input_dir=str(inputs), model_uri=f"models:/{name}@champion", out=str(out), config=ScoreConfig(num_workers=0))
-    df = pd.read_parquet(out)
-    assert len(df) == 3 and (df["status"] == "ok").all() and (df["model_version"] == "1").all()
+    name = url.rsplit("/", 1)[1]
+    with psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname=name) as conn, conn.cursor() as cur:
+        cur.execute(sql, args)
+        return cur.fetchall()
 
 
-def _validation(result):
-    from tasks.records import Validation
-
-    return Validation(metrics=result.metrics, n=1)
+@pytest.mark.parametrize("backend", ["postgres"], indirect=True)
+def test_the_postgres_servers_keep_the_run_in_postgres(backend, retrained, postgres_url, prefect_postgres_url):
+    """The retraining run of the PostgreSQL half: its MLflow run, model version and alias are
+    rows of the MLflow database, and its flow run and task runs rows of the Prefect one."""
+    result, name = retrained["result"], retrained["name"]
+    assert _rows(postgres_url, "SELECT status FROM runs WHERE run_uuid = %s", result.run_id) == [("FINISHED",)]
+    assert _rows(postgres_url, "SELECT version FROM model_versions WHERE name = %s", name) == [(int(result.version),)]
+    aliases = _rows(postgres_url, "SELECT alias, version FROM registered_model_aliases WHERE name = %s", name)
+    assert ("champion", int(result.version)) in aliases
+    assert _rows(prefect_postgres_url, "SELECT state_type FROM flow_run WHERE id = %s", result.flow_run_id) == [("COMPLETED",)]
+    tasks = _rows(prefect_postgres_url, "SELECT count(*) FROM task_run WHERE flow_run_id = %s", result.flow_run_id)[0][0]
+    assert tasks >= 6, "ingest, start run, fine-tune, validate, register, gate"
 
 
 def test_mlflow_registry_on_a_fresh_postgres_database(fresh_postgres_db, tmp_path):

@@ -64,14 +64,6 @@ def two_models(digits_dir, tmp_path_factory):
     return {"ingest": ingest, **models}
 
 
-@pytest.fixture
-def on_backend(mlflow_server_on, prefect_server_on, use_mlflow, use_prefect):
-    """This test on both backends: MLflow and the Prefect server (whose concurrency limit is the
-    lock) on SQLite, then both on PostgreSQL."""
-    use_mlflow(mlflow_server_on)
-    use_prefect(prefect_server_on)
-
-
 def _register(two_models, name: str, kind: str):
     from tasks.registry import register_model, start_run
 
@@ -138,7 +130,7 @@ def _race(two_models, monkeypatch, name: str):
     return better, worse, decisions
 
 
-def test_two_gates_at_once_leave_the_better_version_champion(two_models, on_backend, monkeypatch):
+def test_two_gates_at_once_leave_the_better_version_champion(two_models, on_servers, monkeypatch):
     """The worse version reaches the gate last while the better one is being judged: it waits
     for the gate lock, is compared against the better version (re-measured), and stays
     challenger. Each version's tags say what it was compared against and what was decided."""

@@ -1,8 +1,9 @@
 """Servers that go away mid-run: the MLflow server stopped during training.
 
-A test that kills a server starts its own, on its own free port with its own SQLite file, so
-killing it disturbs no other test, and restarts it on the same port with the same store, as an
-operator restarting a service would. The outage is short here (``VISIONFLOW_TEST_MLFLOW_OUTAGE_S``,
+A test that kills a server starts its own, on its own free port with a store of its own on the
+test's backend (a new SQLite file, or a new PostgreSQL database dropped afterwards:
+``fresh_store_url``), so killing it disturbs no other test, and restarts it on the same port with
+the same store, as an operator restarting a service would. The outage is short here (``VISIONFLOW_TEST_MLFLOW_OUTAGE_S``,
 default 3 s, plus the server's start-up time); set it to 20 to run the issue's 20-second outage.
 """
 
@@ -42,9 +43,10 @@ def ingested(digits_dir: Path, tmp_path: Path):
 
 
 @pytest.fixture
-def own_mlflow(tmp_path: Path, use_mlflow):
-    """A real MLflow server (SQLite) this test may kill and restart on the same port."""
-    cmd, url = mlflow_command(tmp_path, f"sqlite:///{tmp_path / 'mlflow.db'}", "mlflow-restart", servers.free_port())
+def own_mlflow(tmp_path: Path, fresh_store_url: str, use_mlflow):
+    """A real MLflow server on a store of its own that this test may kill and restart on the
+    same port."""
+    cmd, url = mlflow_command(tmp_path, fresh_store_url, "mlflow-restart", servers.free_port())
     with servers.Restartable(cmd, env=_server_env(), health_url=f"{url}/health", log=tmp_path / "mlflow.log") as server:
         use_mlflow(url)
         yield server, url
@@ -169,8 +171,8 @@ def _wait_for(path: Path, timeout: float, proc, log: Path) -> None:
         time.sleep(0.2)
 
 
-def test_prefect_server_restarted_during_a_retrain(digits_dir, mlflow_server, tmp_path):
-    """The Prefect server (SQLite) is killed after the first epoch and started again on the same
+def test_prefect_server_restarted_during_a_retrain(digits_dir, mlflow_server, fresh_store_url, tmp_path):
+    """The Prefect server (on a database of its own) is killed after the first epoch and started again on the same
     port. The flow either finishes (the client retries its calls: PREFECT_CLIENT_MAX_RETRIES=5
     with 2, 4, 8... s backoff, ConnectError included once a client has connected), or it ends
     crashed and `prefect flow-run retry` resumes it from the checkpoint, training no finished
@@ -182,10 +184,10 @@ def test_prefect_server_restarted_during_a_retrain(digits_dir, mlflow_server, tm
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from cvlib.training.checkpoint import load_checkpoint
-    from tests.conftest import prefect_command
+    from tests.conftest import prefect_command, prefect_database_env
 
     epochs = 4
-    cmd, env, url = prefect_command(tmp_path, "prefect-restart", servers.free_port())
+    cmd, env, url = prefect_command(tmp_path, "prefect-restart", servers.free_port(), **prefect_database_env(fresh_store_url))
     name = f"prefect-restart-{uuid.uuid4().hex[:8]}"
     marks = tmp_path / "marks"
     marks.mkdir()

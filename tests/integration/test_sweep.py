@@ -187,7 +187,8 @@ def test_sigkilled_sweep_resumes_the_killed_trial(on_servers, mlflow_server, pre
                    output_dir=str(out))  # fmt: skip
     assert result.trials == {"complete": 2}  # trial 0, and trial 1 finished as trial 2
     runs = child_runs(mlflow_server, result.parent_run_id)
-    assert len(runs) == 2 and all(r["info"]["status"] == "FINISHED" for r in runs)
+    statuses = {r["info"]["run_name"]: r["info"]["status"] for r in runs}
+    assert statuses == {"trial-000": "FINISHED", "trial-001": "FINISHED"}
     history = mlflow_client(mlflow_server).get_metric_history(killed_run, "train_loss")
     assert sorted(m.step for m in history) == [1, 2, 3]  # each epoch once: resumed after epoch {epochs_done}
     assert epochs_done in (1, 2)

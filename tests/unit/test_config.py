@@ -202,3 +202,14 @@ def test_retraining_needs_a_validation_split():
     assert DataConfig(val_fraction=0.0).val_fraction == 0.0
     with pytest.raises(ValidationError, match="val_fraction must be above 0"):
         RetrainConfig(data=DataConfig(val_fraction=0.0))
+
+
+@pytest.mark.parametrize("name", ["it's", "two words", "a/b", "", "-leading", "x" * 201])
+def test_model_names_that_would_break_a_registry_filter_are_refused(name):
+    with pytest.raises(ValidationError, match="model_name"):
+        RetrainConfig(model_name=name)
+
+
+@pytest.mark.parametrize("name", ["visionflow", "ants-bees_v2.1", "A" * 200])
+def test_plain_model_names_are_accepted(name):
+    assert RetrainConfig(model_name=name).model_name == name
