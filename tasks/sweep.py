@@ -144,15 +144,15 @@ def run_trial(
     except optuna.TrialPruned as exc:
         set_run_tag(run_id, PRUNED_TAG, "true")
         set_run_tag(run_id, "visionflow.pruned_reason", str(exc))
-        handle.study.tell(trial.number, state=TrialState.PRUNED, skip_if_finished=True)
         end_run(run_id, "KILLED")
+        handle.study.tell(trial.number, state=TrialState.PRUNED, skip_if_finished=True)
         logger.info("trial %d: %s", trial.number, exc)
         return TrialOutcome(number=trial.number, state="pruned", value=None, run_id=run_id, checkpoint_dir=checkpoint_dir,
                             started=started, ended=time.time(), reason=str(exc))  # fmt: skip
     except BaseException as exc:
         set_run_tag(run_id, "visionflow.failed_reason", f"{type(exc).__name__}: {exc}"[:5000])
-        handle.study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
         end_run(run_id, "FAILED")
+        handle.study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
         raise
     history = [asdict(h) for h in result.history]
     values = [h[options.objective] for h in history]
@@ -161,8 +161,11 @@ def run_trial(
     handle.set_user_attr(studies.BEST_CHECKPOINT, result.best_checkpoint)
     log_metrics(run_id, {"objective": value, "best_epoch": result.best_epoch})
     log_artifact(run_id, result.best_checkpoint, "checkpoint")
-    handle.study.tell(trial.number, value, skip_if_finished=True)
+    # The run ends before the study hears of it: killed in between, the trial is requeued and
+    # resumes from its last checkpoint (nothing left to train) to tell the study. The other way
+    # round, a finished trial kept a RUNNING run for ever.
     end_run(run_id)
+    handle.study.tell(trial.number, value, skip_if_finished=True)
     logger.info("trial %d finished: %s %.4f (params %s)", trial.number, options.objective, value, trial.params)
     return TrialOutcome(number=trial.number, state="complete", value=value, run_id=run_id, checkpoint_dir=checkpoint_dir,
                         started=started, ended=time.time())  # fmt: skip

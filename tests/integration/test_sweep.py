@@ -131,64 +131,73 @@ def test_parallel_trials_overlap_and_one_version(on_servers, mlflow_server, digi
 
 
 CHILD = """
-import json, sys
+import json, os, pathlib, sys, time
+import optuna
 from cvlib.config import RetrainConfig
 from cvlib.sweep.options import SweepConfig
 from cvlib.sweep.space import parse_space
 from flows.sweep import sweep
 a = json.loads(sys.argv[1])
+mark = pathlib.Path(a["mark"])
+
+# Hold the second trial where the test kills the process: after its first epoch is reported, or
+# right after the study has heard that it finished.
+report, tell = optuna.trial.Trial.report, optuna.study.Study.tell
+def held_report(self, value, step):
+    report(self, value, step)
+    if a["kill_at"] == "epoch-1" and self.number == 1 and step == 1:
+        mark.write_text("held"); time.sleep(600)
+def held_tell(self, trial, *args, **kwargs):
+    out = tell(self, trial, *args, **kwargs)
+    if a["kill_at"] == "told" and (trial if isinstance(trial, int) else trial.number) == 1:
+        mark.write_text("held"); time.sleep(600)
+    return out
+optuna.trial.Trial.report, optuna.study.Study.tell = held_report, held_tell
+
 sweep(data_dir=a["data"], config=RetrainConfig.model_validate(a["config"]), space=parse_space(a["space"]),
       options=SweepConfig.model_validate(a["options"]), output_dir=a["out"])
 """
 
 
-def test_sigkilled_sweep_resumes_the_killed_trial(on_servers, mlflow_server, prefect_server, digits_dir, tmp_path):
-    """SIGKILL a sweep process while its second trial is between epochs: the rerun leaves the
-    first trial alone and resumes the second from its checkpoint, in the same MLflow run, without
-    training its first epoch again."""
-    import optuna
-    from optuna.trial import TrialState
-
+@pytest.mark.parametrize("kill_at", ["epoch-1", "told"])
+def test_sigkilled_sweep_resumes_the_killed_trial(kill_at, on_servers, mlflow_server, prefect_server, digits_dir, tmp_path):
+    """SIGKILL a sweep process while its second trial is between epochs (``epoch-1``): the rerun
+    leaves the first trial alone and resumes the second from its checkpoint, in the same MLflow
+    run, without training its first epoch again. Killed just after the study heard that the
+    second trial finished (``told``): the rerun trains nothing, and no run is left RUNNING (the
+    trial's run ends before the study is told)."""
     from cvlib.sweep import study as studies
     from flows.sweep import sweep
 
     name = f"sweep-kill-{uuid.uuid4().hex[:6]}"
     space = {"lr": {"low": 1e-3, "high": 3e-2, "log": True}, "enqueue": [{"lr": 1e-2}, {"lr": 3e-2}]}
     options = SweepConfig(trials=2, pruner="none")
-    out = tmp_path / "sweep"
+    out, mark = tmp_path / "sweep", tmp_path / "held"
     args = {"data": str(digits_dir), "config": base_config(name, epochs=3).model_dump(mode="json"), "space": space,
-            "options": options.model_dump(), "out": str(out)}  # fmt: skip
+            "options": options.model_dump(), "out": str(out), "mark": str(mark), "kill_at": kill_at}  # fmt: skip
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
     proc = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(args)], env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    storage, study_name = studies.storage_url(out, options), studies.study_name(out, options)
     deadline = time.monotonic() + 600
     try:
-        while time.monotonic() < deadline:  # until the second trial has finished an epoch
+        while not mark.exists():
             assert proc.poll() is None, "the sweep ended before it could be killed"
-            time.sleep(0.5)
-            if not (out / "optuna.db").exists():
-                continue
-            try:
-                trials = optuna.load_study(study_name=study_name, storage=storage).get_trials(deepcopy=False)
-            except Exception:  # the study is still being created
-                continue
-            if len(trials) > 1 and trials[1].state == TrialState.RUNNING and trials[1].intermediate_values:
-                break
-        else:
-            pytest.fail("the second trial did not reach its first epoch in time")
+            assert time.monotonic() < deadline, f"the second trial did not reach {kill_at} in time"
+            time.sleep(0.2)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    killed = optuna.load_study(study_name=study_name, storage=storage).get_trials(deepcopy=False)[1]
-    killed_run, epochs_done = killed.user_attrs[studies.RUN_ID], max(killed.intermediate_values)
+    import optuna
+
+    killed = optuna.load_study(study_name=studies.study_name(out, options), storage=studies.storage_url(out, options)).trials[1]
+    killed_run = killed.user_attrs[studies.RUN_ID]
+    assert max(killed.intermediate_values) == (1 if kill_at == "epoch-1" else 3)
 
     result = sweep(data_dir=str(digits_dir), config=base_config(name, epochs=3), space=parse_space(space), options=options,
                    output_dir=str(out))  # fmt: skip
-    assert result.trials == {"complete": 2}  # trial 0, and trial 1 finished as trial 2
+    assert result.trials == {"complete": 2}  # trial 0, and trial 1 (finished as trial 2 when it was requeued)
     runs = child_runs(mlflow_server, result.parent_run_id)
     statuses = {r["info"]["run_name"]: r["info"]["status"] for r in runs}
     assert statuses == {"trial-000": "FINISHED", "trial-001": "FINISHED"}
     history = mlflow_client(mlflow_server).get_metric_history(killed_run, "train_loss")
-    assert sorted(m.step for m in history) == [1, 2, 3]  # each epoch once: resumed after epoch {epochs_done}
-    assert epochs_done in (1, 2)
+    assert sorted(m.step for m in history) == [1, 2, 3]  # each epoch once
