@@ -36,7 +36,7 @@ def test_transient_registry_failure_is_retried(digits_dir, on_servers, monkeypat
 
     monkeypatch.setattr(mlflow, "register_model", flaky)
     name = f"flaky-{uuid.uuid4().hex[:6]}"
-    result = retrain(data_dir=str(digits_dir), config=small_config(name, arch="resnet18"), output_dir=str(tmp_path / "run"))
+    result = retrain(data_dir=str(digits_dir), config=small_config(name), output_dir=str(tmp_path / "run"))
     assert calls["n"] == 2
     versions = mlflow_client(os.environ["MLFLOW_TRACKING_URI"]).search_model_versions(f"name = '{name}'")
     assert [v.version for v in versions] == [result.version] == ["1"]
@@ -108,6 +108,6 @@ def test_flow_retry_resumes_from_the_failed_task(digits_dir, on_servers, monkeyp
     monkeypatch.setattr(cvlib.explain.samples, "explain_files", failing_explain)
     name = f"retried-{uuid.uuid4().hex[:6]}"
     flow = retrain.with_options(retries=1, retry_delay_seconds=0)
-    result = flow(data_dir=str(digits_dir), config=small_config(name, arch="resnet18"), output_dir=str(tmp_path / "run"))
+    result = flow(data_dir=str(digits_dir), config=small_config(name), output_dir=str(tmp_path / "run"))
     assert calls == {"fit": 1, "explain": 3}
     assert result.version == "1" and Path(result.report).is_file()

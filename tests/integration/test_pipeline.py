@@ -34,7 +34,7 @@ def test_registered_version_is_champion(retrained, on_servers):
     assert mv.tags["visionflow.gate.reason"] == gate.reason == "no champion yet: the first version becomes champion"
     run = client.get_run(retrained["result"].run_id)
     assert run.info.status == "FINISHED"
-    assert run.data.params["train.arch"] == "resnet50"
+    assert run.data.params["train.arch"] == "simple_cnn"
     assert "val_top1" in run.data.metrics and "train_loss" in run.data.metrics
     assert json.loads(run.data.tags["visionflow.class_names"]) == [str(d) for d in range(10)]
 
@@ -134,4 +134,4 @@ def test_retried_registration_then_resolved_by_alias(retrained, on_servers):
     assert champion_gate.fn(registered, ingest, Validation(metrics={"val_top1": 0.5}, n=1), GateConfig()).promoted
     local, version = resolve_model(f"models:/{name}@champion")
     model, meta = load_package(local)
-    assert version == registered.version and meta["arch"] == "resnet50"
+    assert version == registered.version and meta["arch"] == "simple_cnn"
