@@ -13,13 +13,13 @@ paths or quarantined files differ, and a reader of the manifest needs the paths.
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import tempfile
 from pathlib import Path
 
 from prefect import task
 
+from cvlib.data.inspection import sha256_file
 from tasks.log import run_logger
 from tasks.registry import client
 
@@ -27,14 +27,6 @@ MANIFEST_ARTIFACT = "data/manifest.parquet"
 DIGEST_TAG = "visionflow.manifest_sha256"
 HOLDER_TAG = "visionflow.manifest_run"  # the run whose artifacts hold this run's manifest
 UPLOADED_TAG = "visionflow.manifest_uploaded"  # "true" on a run that holds the blob itself
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _holder(experiment_id: str, digest: str, run_id: str) -> str | None:
@@ -53,7 +45,7 @@ def log_manifest(run_id: str, manifest_path: str) -> str:
     """Record the run's manifest: upload it, or refer to the run that already holds the same
     bytes. Returns the run id whose ``data/manifest.parquet`` is this run's manifest."""
     c = client()
-    digest = file_sha256(manifest_path)
+    digest = sha256_file(manifest_path)
     experiment_id = c.get_run(run_id).info.experiment_id
     holder = _holder(experiment_id, digest, run_id)
     c.set_tag(run_id, DIGEST_TAG, digest)
