@@ -182,7 +182,7 @@ def prefect_server_sqlite(session_root: Path):
     ctx, url = _start_prefect(session_root, "prefect-sqlite")
     with ctx:
         yield url
-        _flush_prefect_logs()
+        flush_prefect_workers()
 
 
 @pytest.fixture(scope="session")
@@ -197,11 +197,11 @@ def prefect_server_postgres(session_root: Path, prefect_postgres_url: str):
     """A real `prefect server start` on PostgreSQL (asyncpg, the driver Prefect's server uses)."""
     ctx, url = _start_prefect(
         session_root, "prefect-postgres",
-        PREFECT_API_DATABASE_CONNECTION_URL=prefect_postgres_url.replace("postgresql+psycopg2://", "postgresql+asyncpg://"),
+        **prefect_database_env(prefect_postgres_url),
     )
     with ctx:
         yield url
-        _flush_prefect_logs()
+        flush_prefect_workers()
 
 
 # The integration suite runs on both backends: tests/integration/conftest.py makes its
@@ -238,18 +238,10 @@ def fresh_store_url(backend: str, tmp_path: Path, request) -> str:
 
 
 def prefect_database_env(store_url: str) -> dict[str, str]:
-    """The environment that puts a Prefect server on ``store_url`` (a SQLAlchemy URL as
-    ``fresh_store_url`` gives): Prefect's server speaks aiosqlite and asyncpg."""
+    """The environment that puts a Prefect server on ``store_url`` (a SQLAlchemy URL as the
+    PostgreSQL fixtures and ``fresh_store_url`` give): Prefect's server speaks aiosqlite and asyncpg."""
     async_url = store_url.replace("sqlite:///", "sqlite+aiosqlite:///").replace("postgresql+psycopg2://", "postgresql+asyncpg://")
     return {"PREFECT_API_DATABASE_CONNECTION_URL": async_url}
-
-
-def _flush_prefect_logs() -> None:
-    """Send the flow-run logs still queued for this server before it stops (they are sent in
-    batches every few seconds; otherwise the last test's logs fail with "Error logging to API")."""
-    from prefect.logging.handlers import APILogWorker
-
-    APILogWorker.drain_all(timeout=5)
 
 
 def flush_prefect_workers() -> None:
@@ -257,7 +249,9 @@ def flush_prefect_workers() -> None:
     server. Prefect keeps one events worker per process, bound to the API URL of the moment it
     started (its key does not hold the URL), and the server records task runs from those events:
     after a switch of ``PREFECT_API_URL`` in the same process, the new server's flow runs would
-    get their task runs on the old server. The next event starts a worker for the current URL."""
+    get their task runs on the old server. The next event starts a worker for the current URL.
+    Also called before a session server stops: logs are sent in batches every few seconds, and
+    the last test's would otherwise fail with "Error logging to API"."""
     from prefect.events.worker import EventsWorker
     from prefect.logging.handlers import APILogWorker
 
