@@ -8,6 +8,7 @@ undecodable names), so that reading can never be pointed at something it should 
 from __future__ import annotations
 
 import itertools
+import operator
 import os
 import stat
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from cvlib.data.layout import detect_layout
 from cvlib.data.verdicts import DataSetError, nfc
 
 _IMAGE_SUFFIXES = IMAGE_EXTENSIONS | OTHER_IMAGE_EXTENSIONS
+_BY_NAME = operator.attrgetter("name")  # raw names: NFC order where they are ASCII, else Listing.sorted reorders
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,9 +70,9 @@ class Listing:
     def sorted(self) -> Listing:
         """The same rows in NFC path order (the manifest's order)."""
         keys = [p if p.isascii() else nfc(p) for p in self.path]
-        order = sorted(range(len(keys)), key=keys.__getitem__)
-        if all(a < b for a, b in itertools.pairwise(order)):
+        if all(a <= b for a, b in itertools.pairwise(keys)):  # the usual case: the walk listed in order
             return self
+        order = sorted(range(len(keys)), key=keys.__getitem__)
         return Listing(*([column[i] for i in order] for column in (self.path, self.label, self.bytes, self.mtime_ns,
                                                                     self.reason, self.detail, self.split)))  # fmt: skip
 
@@ -176,7 +178,9 @@ def _walk_class(
         dir_path, rel_dir, ancestors = stack.pop()
         try:
             with os.scandir(dir_path) as it:
-                children = list(it)
+                # In name order (the file system's is arbitrary): a flat class folder is then listed
+                # in path order already, and :meth:`Listing.sorted` has nothing to reorder.
+                children = sorted(it, key=_BY_NAME)
         except OSError as exc:  # a folder we cannot list hides files: say so in the manifest
             listing.add(_refused(rel_dir, label, "unreadable", f"cannot list folder: {exc.strerror or exc}"))
             continue

@@ -19,6 +19,22 @@ def _uniform(key: str, cfg: DataConfig) -> float:
     return int.from_bytes(hashlib.sha256(f"{cfg.split_salt}:{key}".encode()).digest()[:8], "big") / 2**64
 
 
+def _uniform_many(keys: np.ndarray, cfg: DataConfig) -> np.ndarray:
+    """:func:`_uniform` of many keys: one SHA-256 per key is unavoidable (it is the rule), but the
+    digests' first 8 bytes are read as one big-endian uint64 array instead of key by key."""
+    sha256, salt = hashlib.sha256, f"{cfg.split_salt}:"
+    heads = b"".join([sha256(f"{salt}{k}".encode()).digest()[:8] for k in keys])
+    return np.frombuffer(heads, dtype=">u8").astype(np.float64) / 2**64
+
+
+def _splits_of(u: np.ndarray, test_fraction: float, val_fraction: float) -> np.ndarray:
+    """:func:`_split_of`, array-wide."""
+    out = np.full(len(u), "train", dtype=object)
+    out[u < test_fraction + val_fraction] = "val"
+    out[u < test_fraction] = "test"
+    return out
+
+
 def _split_of(u: float, test_fraction: float, val_fraction: float) -> str:
     if u < test_fraction:
         return "test"
@@ -71,11 +87,15 @@ def assign_splits(
     # The rest, array-wide: each distinct key is hashed once (a near-duplicate group shares one).
     free = np.flatnonzero((status == "ok") & ~has_given)
     if len(free):
-        keys = pd.Series(key[free], dtype=object)
-        by_key = {k: follow.get(k) or split_for(k, cfg) for k in keys.unique()}
-        split[free] = keys.map(by_key).to_numpy()
+        codes, keys = pd.factorize(key[free])
+        by_key = _splits_of(_uniform_many(keys, cfg), cfg.test_fraction, cfg.val_fraction)
+        if follow:  # groups with a member in a split folder follow it
+            for j, k in enumerate(keys):
+                if k in follow:
+                    by_key[j] = follow[k]
+        split[free] = by_key[codes]
     ok = np.flatnonzero(status == "ok")
-    first = pd.Series(split[ok], index=pd.Index(sha[ok], dtype=object))
+    first = pd.Series(split[ok], index=pd.Index(sha[ok], dtype=object), dtype=object)
     first = first[~first.index.duplicated(keep="first")]
     dup = np.flatnonzero((status == "duplicate") & ~has_given)
     if len(dup):  # outside the split folders: the kept copy's split (same bytes, same key)

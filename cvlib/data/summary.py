@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from cvlib.data.layout import layout_note
 from cvlib.data.options import DataConfig
@@ -15,7 +17,7 @@ from cvlib.data.verdicts import DataSetError
 def check_trainable(manifest: pd.DataFrame, cfg: DataConfig) -> None:
     """Fail fast, naming the class, when the data cannot support training."""
     ok = manifest[manifest["status"] == "ok"]
-    all_labels = sorted({str(x) for x in manifest["label"].dropna()})
+    all_labels = _labels(manifest)
     counts = ok["label"].astype(str).value_counts().reindex(all_labels, fill_value=0)
     small = counts[counts < cfg.min_images_per_class]
     if len(small):
@@ -37,6 +39,21 @@ def check_trainable(manifest: pd.DataFrame, cfg: DataConfig) -> None:
         raise DataSetError("the validation split is empty; add images or raise val_fraction")
 
 
+def _isin(column: pd.Series, values) -> np.ndarray:
+    """``column.isin(values)`` as one Arrow hash lookup (pandas' own converts every value to an
+    Arrow scalar first: a tenth of a second for the key images of a crowded 100k-file folder)."""
+    array = pa.array(column, from_pandas=True)
+    if not pa.types.is_string(array.type) and not pa.types.is_large_string(array.type):
+        return column.isin(values).to_numpy()
+    found = pc.is_in(array, value_set=pa.array(np.asarray(values, dtype=object), type=array.type, from_pandas=True))
+    return pc.fill_null(found, False).to_numpy(zero_copy_only=False).astype(bool)
+
+
+def _labels(manifest: pd.DataFrame) -> list[str]:
+    """Every class folder's name, sorted (distinct values first: a label repeats per file)."""
+    return sorted({str(x) for x in manifest["label"].dropna().unique()})
+
+
 def _stats(values: pd.Series) -> dict[str, float]:
     v = pd.to_numeric(values, errors="coerce").dropna()
     if v.empty:
@@ -53,19 +70,18 @@ def summarize(manifest: pd.DataFrame) -> dict:
     ok = manifest.loc[manifest["status"] == "ok", [c for c in _OK_COLUMNS if c in manifest.columns]]
     per_class = ok.groupby(["label", "split"]).size().unstack(fill_value=0)
     counts = ok["label"].value_counts()
-    all_labels = sorted({str(x) for x in manifest["label"].dropna()})
+    all_labels = _labels(manifest)
     near = manifest["near_duplicate_of"] if "near_duplicate_of" in manifest else pd.Series([None] * len(manifest), dtype=object)
-    near_rows = manifest.loc[near.notna().to_numpy(), ["near_duplicate_of", "label"]]
-    # Group-level counts with group-bys (a crowded data set has tens of thousands of near-duplicates).
-    leaders = near_rows["near_duplicate_of"].astype(str)
+    followers = near.notna().to_numpy()
+    # Group-level counts with group-bys (a crowded data set has tens of thousands of near-duplicates);
+    # the columns stay in pandas' own string type: no per-row conversion to Python objects and back.
+    leaders = near[followers]
     group_sizes = leaders.value_counts()
-    label_of = pd.Series(manifest["label"].astype(str).to_numpy(), index=manifest["path"].astype(str).to_numpy())
-    label_of = label_of[~label_of.index.duplicated()]
+    heads = manifest.loc[_isin(manifest["path"], group_sizes.index), ["path", "label"]]  # each group's key image
     pairs = pd.DataFrame({
-        "leader": np.concatenate([leaders.to_numpy(), group_sizes.index.to_numpy()]),
-        "label": np.concatenate([near_rows["label"].astype(str).to_numpy(),
-                                 label_of.reindex(group_sizes.index).fillna("").to_numpy()]),
-    })  # fmt: skip
+        "leader": np.concatenate([leaders.to_numpy(dtype=object), heads["path"].to_numpy(dtype=object)]),
+        "label": np.concatenate([manifest["label"][followers].to_numpy(dtype=object), heads["label"].to_numpy(dtype=object)]),
+    }, dtype=object)  # fmt: skip
     cross = int((pairs.groupby("leader")["label"].nunique() > 1).sum()) if len(pairs) else 0
     return {
         "files": len(manifest),
@@ -81,7 +97,7 @@ def summarize(manifest: pd.DataFrame) -> dict:
         "image_size": {"width": _stats(ok["width"]), "height": _stats(ok["height"])},
         "formats": {str(k): int(v) for k, v in ok["format"].value_counts().sort_index().items()},
         "animated": int((pd.to_numeric(ok["n_frames"], errors="coerce").fillna(1) > 1).sum()),
-        "near_duplicates": len(near_rows),
+        "near_duplicates": int(followers.sum()),
         "near_duplicate_groups": len(group_sizes),
         "cross_class_near_duplicate_groups": int(cross),
         "largest_near_duplicate_group": int(group_sizes.max() + 1) if len(group_sizes) else 0,
@@ -121,11 +137,11 @@ def leakage(manifest: pd.DataFrame, examples: int = 5) -> dict:
     shares a split); with given splits it is the data set's own leakage, reported, not repaired.
     """
     given = _given(manifest)
-    given_of = pd.Series(given.to_numpy(), index=manifest["path"].astype(str).to_numpy())
-    given_of = given_of[~given_of.index.duplicated()]
     dup = (manifest["status"] == "duplicate").to_numpy()
     exact = []
-    if dup.any():
+    if dup.any() and given[dup].notna().any():  # only copies inside split folders can cross them
+        given_of = pd.Series(given.to_numpy(), index=manifest["path"].astype(str).to_numpy())
+        given_of = given_of[~given_of.index.duplicated()]
         other = given_of.reindex(manifest["duplicate_of"][dup].astype(str).to_numpy()).to_numpy()
         mine = given[dup].to_numpy()
         crossed = pd.notna(mine) & pd.notna(other) & (mine != other)
@@ -135,16 +151,16 @@ def leakage(manifest: pd.DataFrame, examples: int = 5) -> dict:
     followers = ok[near.notna().to_numpy()]
     if followers.empty:
         return {"exact": len(exact), "near_groups": 0, "near_files": 0, "examples": exact[:examples]}
-    split_of = pd.Series(ok["split"].to_numpy(), index=ok["path"].astype(str).to_numpy())
-    leaders = followers["near_duplicate_of"].astype(str)
-    order = pd.unique(leaders.to_numpy())  # groups in order of first appearance
+    leaders = followers["near_duplicate_of"]
+    order = pd.unique(leaders.to_numpy(dtype=object))  # groups in order of first appearance
+    heads = ok[_isin(ok["path"], order)]  # each group's key image (itself never a follower)
     members = pd.DataFrame({
-        "leader": np.concatenate([order, leaders.to_numpy()]),
-        "path": np.concatenate([order, followers["path"].astype(str).to_numpy()]),
-        "split": np.concatenate([split_of.reindex(order).to_numpy(), followers["split"].to_numpy()]),
-    })  # fmt: skip
+        "leader": np.concatenate([heads["path"].to_numpy(dtype=object), leaders.to_numpy(dtype=object)]),
+        "path": np.concatenate([heads["path"].to_numpy(dtype=object), followers["path"].to_numpy(dtype=object)]),
+        "split": np.concatenate([heads["split"].to_numpy(dtype=object), followers["split"].to_numpy(dtype=object)]),
+    }, dtype=object)  # fmt: skip
     splits = members.dropna(subset=["split"]).groupby("leader", sort=False)["split"].nunique()
-    crossing = [leader for leader in order if splits.get(leader, 0) > 1]
+    crossing = list(order[splits.reindex(order, fill_value=0).to_numpy() > 1])
     sizes = members.groupby("leader", sort=False).size()
     shown = members[members["leader"].isin(crossing[:examples])]
     paths = shown.groupby("leader", sort=False)["path"].agg(list)

@@ -4,11 +4,18 @@ member."""
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 
 import numpy as np
+import pandas as pd
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from cvlib.data.manifest import columns_to_manifest
 from cvlib.data.near_duplicates import near_duplicate_groups
+from cvlib.data.options import DataConfig
+from cvlib.data.splits import split_for
 
 
 def test_near_duplicate_groups_match_brute_force():
@@ -106,3 +113,61 @@ def test_crowded_bucket_search_matches_brute_force_with_several_groups():
         got = near_duplicate_groups(hashes, distance)
         want = np.array(_brute_force_groups([int(h) for h in hashes], distance))
         assert ((got[:, None] == got[None, :]) == (want[:, None] == want[None, :])).all(), distance
+
+
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    rows=st.lists(
+        st.tuples(st.integers(0, 7), st.sampled_from(["a", "b"]), st.integers(0, 5), st.booleans()),
+        min_size=1, max_size=40,
+    )
+)  # fmt: skip
+def test_group_decisions_follow_their_plain_definitions(rows):
+    """columns_to_manifest makes its group decisions with integer codes and sorts; each must
+    match its row-by-row definition: label conflicts, the first copy kept, a near-duplicate
+    group's leader (smallest hash, then first row), and the split of the leader's hash."""
+    cfg = DataConfig(val_fraction=0.3, test_fraction=0.2)
+    n = len(rows)
+    shas = [hashlib.sha256(bytes([s])).hexdigest() for s, _, _, _ in rows]
+    # pHashes: a few bits apart within each of two families, far apart between them
+    phashes = [None if not has else f"{(0xF0F0F0F0F0F0F0F0 if p < 3 else 0x0F0F0F0F0F0F0F0F) ^ (1 << p):016x}"
+               for _, _, p, has in rows]  # fmt: skip
+    cols = {
+        "path": np.array([f"{label}/{i:03d}.jpg" for i, (_, label, _, _) in enumerate(rows)], dtype=object),
+        "label": np.array([label for _, label, _, _ in rows], dtype=object),
+        "sha256": np.array(shas, dtype=object), "phash": np.array(phashes, dtype=object),
+        "reason": np.full(n, None, dtype=object), "detail": np.full(n, None, dtype=object),
+        "given_split": np.full(n, None, dtype=object), "format": np.full(n, "JPEG", dtype=object),
+        "mode": np.full(n, "RGB", dtype=object), "bytes": np.ones(n, dtype=np.int64),
+        "mtime_ns": np.ones(n, dtype=np.int64), "width": np.full(n, 8), "height": np.full(n, 8), "n_frames": np.ones(n),
+    }  # fmt: skip
+    m = columns_to_manifest(cols, cfg, presorted=True)
+
+    labels_of: dict[str, set[str]] = {}
+    for sha, (_, label, _, _) in zip(shas, rows, strict=True):
+        labels_of.setdefault(sha, set()).add(label)
+    status = ["quarantined" if len(labels_of[s]) > 1 else "ok" for s in shas]
+    first: dict[str, int] = {}
+    duplicate_of: list[str | None] = [None] * n
+    for i, s in enumerate(shas):
+        if status[i] == "ok" and s in first:
+            status[i], duplicate_of[i] = "duplicate", cols["path"][first[s]]
+        elif status[i] == "ok":
+            first[s] = i
+    assert list(m["status"]) == status
+    assert [None if pd.isna(x) else x for x in m["duplicate_of"]] == duplicate_of
+
+    hashed = [i for i in range(n) if status[i] == "ok" and phashes[i] is not None]
+    group = near_duplicate_groups(np.array([int(phashes[i], 16) for i in hashed], dtype=np.uint64), 4) if hashed else []
+    key, near = list(shas), [None] * n
+    for g in set(group):
+        members = [i for i, gi in zip(hashed, group, strict=True) if gi == g]
+        if len({shas[i] for i in members}) < 2:
+            continue  # copies of one content: exact duplicates, not near ones
+        leader = min(members, key=lambda i: (shas[i], i))
+        for i in members:
+            key[i] = shas[leader]
+            near[i] = None if i == leader else cols["path"][leader]
+    assert [None if pd.isna(x) else x for x in m["near_duplicate_of"]] == near
+    ok = [i for i in range(n) if status[i] == "ok"]
+    assert [m["split"].iloc[i] for i in ok] == [split_for(key[i], cfg) for i in ok]

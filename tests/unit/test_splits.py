@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from cvlib.data.manifest import records_to_manifest
 from cvlib.data.options import DataConfig
-from cvlib.data.splits import split_for
+from cvlib.data.splits import assign_splits, split_for
 from cvlib.data.verdicts import FileRecord
 
 
@@ -48,3 +48,16 @@ def test_splits_are_stratified_and_follow_the_fractions():
     assert ((share["val"] - 0.2).abs() < 0.05).all(), share
     assert ((share["test"] - 0.1).abs() < 0.04).all(), share
     assert split_for(hashes[0], cfg) == split_for(hashes[0], DataConfig(val_fraction=0.2, test_fraction=0.1))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(keys=st.lists(st.text(min_size=1, max_size=12), min_size=1, max_size=60),
+       val=st.floats(0.0, 0.5), test=st.floats(0.0, 0.4), salt=st.text(max_size=5))  # fmt: skip
+def test_array_wide_splits_follow_the_per_key_rule(keys, val, test, salt):
+    """assign_splits hashes every distinct key in one pass and picks splits array-wide; each
+    row must still get exactly what split_for gives its key (the rule stored splits rely on)."""
+    cfg = DataConfig(val_fraction=val, test_fraction=test, split_salt=salt)
+    status = np.full(len(keys), "ok", dtype=object)
+    key = np.array(keys, dtype=object)
+    got = assign_splits(status, key, key, cfg)
+    assert list(got) == [split_for(k, cfg) for k in keys]
