@@ -10,9 +10,11 @@ served other epochs, sees exactly the images an uninterrupted run saw.
 
 from __future__ import annotations
 
+import gc
 import os
 import random
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
@@ -123,6 +125,32 @@ class ShardSampler(Sampler[int]):
         return len(range(self.rank, self.n, self.num_replicas))
 
 
+@contextmanager
+def frozen_heap() -> Iterator[None]:
+    """Fork with every object made so far out of the cyclic garbage collector's reach
+    (``gc.freeze``), then give them back to it in this process.
+
+    A collection in a forked worker writes to the header of every container object it tracks,
+    so the first full collection copies every page of the parent's heap that holds one: the
+    worker's private memory grows by the parent's heap, whatever the worker reads. Frozen, those
+    objects are never visited in the child (they live as long as it does anyway). Scoring 100k
+    files, each decoding worker's private memory grew 34 -> 167 MB without it.
+    """
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
+class ForkingLoader(DataLoader):
+    """A DataLoader whose worker processes fork under :func:`frozen_heap`."""
+
+    def __iter__(self):
+        with frozen_heap():  # the workers fork here (or stay alive, persistent_workers)
+            return super().__iter__()
+
+
 def make_loader(
     dataset: Dataset,
     *,
@@ -146,7 +174,7 @@ def make_loader(
         extra["persistent_workers"] = persistent_workers
         if prefetch_factor is not None:
             extra["prefetch_factor"] = prefetch_factor
-    return DataLoader(
+    return ForkingLoader(
         dataset,
         batch_size=batch_size,
         shuffle=shuffle if sampler is None else False,

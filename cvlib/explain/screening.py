@@ -21,8 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
+from cvlib.data.datasets import ForkingLoader
 from cvlib.data.imageio import ImageReadError, load_rgb
 from cvlib.data.transforms import eval_preset_from
 from cvlib.explain.images import image_path as _source  # the name _Files reads it by
@@ -115,7 +116,7 @@ def screen_files(
     class_names = list(meta["class_names"])
     pre = meta["preprocessing"]
     ds = _Files(root, files, eval_preset_from(pre), int(pre["resize_size"]))
-    loader = DataLoader(ds, batch_size=max(1, batch_size), shuffle=False, num_workers=num_workers, collate_fn=_as_list)
+    loader = ForkingLoader(ds, batch_size=max(1, batch_size), shuffle=False, num_workers=num_workers, collate_fn=_as_list)
     dev = pick_device(device)
     model = model.to(dev)
     kept: list[int] = []

@@ -24,8 +24,9 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
+from cvlib.data.datasets import ForkingLoader
 from cvlib.data.imageio import DEFAULT_MAX_PIXELS, JPEG_FORMATS, ImageReadError, load_rgb
 from cvlib.data.transforms import eval_preset_from
 from cvlib.inference.options import ScoreConfig
@@ -205,7 +206,7 @@ def decoded_batches(ds: ScoringDataset, config: ScoreConfig, pin_memory: bool) -
     chunks = [range(s, min(s + bs, n)) for s in range(0, n, bs)]
     kind = _loader_kind(config)
     if kind == "processes":
-        loader = DataLoader(
+        loader = ForkingLoader(
             ds, batch_size=bs, num_workers=config.num_workers, collate_fn=_collate, pin_memory=pin_memory,
             prefetch_factor=2,
         )  # fmt: skip

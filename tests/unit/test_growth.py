@@ -6,12 +6,16 @@ The timings themselves are in benchmarks/growth.py; these tests pin the mechanis
 
 from __future__ import annotations
 
+import gc
 import os
 
 import pandas as pd
 import pyarrow as pa
+import pytest
+from torch.utils.data import Dataset
 
 from cvlib.data import inspection
+from cvlib.data.datasets import make_loader
 from cvlib.data.ingest import _read_previous, build_manifest, refresh_manifest
 from cvlib.data.manifest import read_manifest, write_manifest
 from cvlib.data.summary import summarize
@@ -139,3 +143,25 @@ def test_unchanged_scored_needs_the_same_stat_version_and_a_row(tmp_path):
     os.utime(tmp_path / "a.jpg", ns=(5, 5))  # same size, another mtime
     size2, mtime2 = stat_paths(tmp_path, names)
     assert not unchanged_scored(index, [rows], "v1", names, size2, mtime2).any()
+
+
+class _FreezeCount(Dataset):
+    """Each item: how many objects the worker's garbage collector is told to leave alone."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, i: int) -> int:
+        return gc.get_freeze_count()
+
+
+@pytest.mark.parametrize("persistent", [False, True])
+def test_loader_workers_fork_with_the_parents_objects_frozen(persistent):
+    """Worker processes fork with the parent's objects frozen (a collection there would otherwise
+    copy every page of the parent's heap that holds a container); the parent gets them back."""
+    assert gc.get_freeze_count() == 0
+    loader = make_loader(_FreezeCount(), batch_size=2, num_workers=2, persistent_workers=persistent)
+    for _ in range(2):  # a second epoch reuses persistent workers or forks new ones
+        counts = [int(c) for batch in loader for c in batch]
+        assert len(counts) == 4 and min(counts) > 1000, counts
+        assert gc.get_freeze_count() == 0  # unfrozen in the parent as soon as the workers exist
