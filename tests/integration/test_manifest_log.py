@@ -207,6 +207,41 @@ def test_an_active_holder_that_lost_its_file_is_passed_over(same_content, backen
     assert held_by == second  # a new run does not refer to a holder without the file either
 
 
+def test_a_promoted_version_s_run_holds_its_manifest_itself(digits_dir, on_servers, mlflow_server, tmp_path):
+    """The retrain flow pins the manifest into the run of a version the gate promotes, when that
+    run only referred to another run's copy (tasks/manifest_log.py says why only then)."""
+    from cvlib.inference.options import ExportConfig
+    from flows.retrain import retrain
+    from tasks.ingest import manifest_cache
+    from tasks.manifest_log import DIGEST_TAG, HOLDER_TAG, UPLOADED_TAG, log_manifest
+    from tasks.records import IngestResult
+    from tasks.registry import start_run
+
+    c = mlflow_client(mlflow_server)
+    name = f"manifest-pin-{uuid.uuid4().hex[:8]}"
+    config = small_config(name).model_copy(update={"experiment": name, "export": ExportConfig(enabled=False)})
+    # An earlier run of the experiment holds the manifest the flow will write (its ingest's cache).
+    refreshed = refresh_manifest(digits_dir, manifest_cache(str(digits_dir)), config.data)
+    ingest = IngestResult(data_dir=str(digits_dir), manifest_path=str(refreshed.path), dataset_hash=refreshed.dataset_hash,
+                          class_names=refreshed.class_names, summary={})  # fmt: skip
+    earlier = start_run.fn(config, ingest)
+    assert log_manifest.fn(earlier, str(refreshed.path)) == earlier
+
+    result = retrain(data_dir=str(digits_dir), config=config, output_dir=str(tmp_path / "out"))
+    assert result.promoted  # the model's first version
+    tags = c.get_run(result.run_id).data.tags
+    assert tags[DIGEST_TAG] == c.get_run(earlier).data.tags[DIGEST_TAG]  # the same bytes: it had referred to earlier
+    assert tags[HOLDER_TAG] == result.run_id and tags[UPLOADED_TAG] == "true"
+    assert _artifacts(c, result.run_id) == ["data/manifest.parquet"]
+
+    # Months later the earlier run is cleaned up: exporting the champion still finds its manifest.
+    from tasks.export import _version_data
+
+    c.delete_run(earlier)
+    data_dir, got = _version_data(name, result.version, None)
+    assert data_dir == str(digits_dir.resolve()) and Path(got).read_bytes() == Path(refreshed.path).read_bytes()
+
+
 def test_a_copy_that_is_not_the_recorded_content_is_not_used(same_content, backend, session_root, tmp_path):
     from tasks.manifest_log import ManifestUnavailableError, download_manifest, pin_manifest
 
