@@ -13,7 +13,7 @@ from flows.naming import run_name
 from tasks.environment import mlflow_tracking_uri, runs_dir
 from tasks.explain import check_feature_map_layers, validation_report
 from tasks.ingest import ingest
-from tasks.manifest_log import log_manifest
+from tasks.manifest_log import log_manifest, pin_manifest
 from tasks.records import RetrainResult
 from tasks.registry import (
     champion_gate,
@@ -57,6 +57,16 @@ def _export(model_uri: str, data, config: RetrainConfig) -> str:
         return "failed"
 
 
+def _pin_manifest(run_id: str, manifest_path: str) -> None:
+    """A new champion's run holds its manifest itself (see :mod:`tasks.manifest_log`). Its failure
+    does not fail a run whose version is already champion: the manifest is still read through
+    the reference, so it is logged and the flow goes on."""
+    try:
+        pin_manifest(run_id, manifest_path)
+    except Exception as exc:  # noqa: BLE001 - the copy is a safeguard, not the record
+        get_run_logger().error("could not pin the manifest into champion run %s: %s: %s", run_id, type(exc).__name__, exc)
+
+
 @flow(name="retrain", flow_run_name=run_name("retrain", "data_dir"), log_prints=True)
 def retrain(data_dir: str, config: RetrainConfig = RetrainConfig(), output_dir: str | None = None) -> RetrainResult:
     """Retrain the classifier on an image folder (one sub-folder per class) and register it."""
@@ -78,6 +88,8 @@ def retrain(data_dir: str, config: RetrainConfig = RetrainConfig(), output_dir: 
         decision = champion_gate(
             registered, data, validation, config.gate, batch_size=config.train.batch_size, num_workers=config.train.num_workers
         )
+        if decision.promoted:
+            _pin_manifest(run_id, data.manifest_path)
         openvino = _export(registered.model_uri, data, config) if config.export.enabled else None
         # After the gate: the report a reviewer opens names the version and the decision.
         report = validation_report(

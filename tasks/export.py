@@ -20,7 +20,7 @@ from pydantic import BaseModel
 
 from cvlib.inference.options import ExportConfig
 from tasks.log import run_logger
-from tasks.manifest_log import MANIFEST_ARTIFACT, manifest_run_of
+from tasks.manifest_log import download_manifest
 from tasks.registry import client, parse_model_uri, resolve_model
 
 TAG = "visionflow.openvino"
@@ -45,8 +45,6 @@ class ExportResult(BaseModel):
 def _version_data(name: str, version: str, data_dir: str | None) -> tuple[str, str]:
     """(data folder, manifest path) the version was trained on: the run's ``data/manifest.parquet``
     artifact (or that of the run it refers to, see :mod:`tasks.manifest_log`) and data folder tag, unless ``data_dir`` is given (then it is ingested here)."""
-    import mlflow
-
     c = client()
     mv = c.get_model_version(name, version)
     if data_dir is None:
@@ -54,10 +52,9 @@ def _version_data(name: str, version: str, data_dir: str | None) -> tuple[str, s
         data_dir = run.data.tags.get("visionflow.data_dir")
         if not data_dir or not Path(data_dir).is_dir():
             raise ValueError(f"models:/{name}/{version}: its training data folder {data_dir!r} is not here; pass --data DIR")
-        tmp = tempfile.mkdtemp(prefix="visionflow-export-")
-        holder = manifest_run_of(run)  # the run that uploaded this content (the version's own, or an earlier one)
-        manifest = mlflow.artifacts.download_artifacts(run_id=holder, artifact_path=MANIFEST_ARTIFACT, dst_path=tmp)
-        return data_dir, manifest
+        # From the run that holds this content (the version's own, an earlier one, or, that one
+        # deleted, another run with the same bytes); a clear error when none is left.
+        return data_dir, download_manifest(run, tempfile.mkdtemp(prefix="visionflow-export-"))
     return data_dir, _ingest(data_dir)
 
 
