@@ -193,17 +193,21 @@ def _print_retrain(result: RetrainResult) -> None:
 
 
 def _score_input(spec: str, root: str | None) -> str:
-    """A folder, a glob, a list of paths or a manifest: resolved now, so a typo costs a second."""
-    from cvlib.inference.inputs import InputSpecError, is_glob, resolve_inputs
+    """A folder, a glob, a list of paths or a manifest: checked now, so a typo costs a second. A
+    folder is only probed (the flow lists it: listing a 100k-file folder twice cost seconds)."""
+    from cvlib.inference.inputs import InputSpecError, holds_input_files, is_glob, resolve_inputs
 
     p = Path(spec).expanduser()
     if not p.exists() and not is_glob(spec):
         raise CliError(f"input {p} does not exist (a folder, a glob, a text file of paths or a manifest .parquet)")
-    try:
-        inputs = resolve_inputs(spec, root=root)
-    except (InputSpecError, FileNotFoundError) as exc:
-        raise CliError(str(exc)) from exc
-    if not inputs.paths:
+    if p.is_dir():
+        empty = not holds_input_files(p)
+    else:
+        try:
+            empty = not resolve_inputs(spec, root=root).paths
+        except (InputSpecError, FileNotFoundError) as exc:
+            raise CliError(str(exc)) from exc
+    if empty:
         print(f"note: {spec} holds no image files; the output will have no rows")
     return str(p.resolve()) if p.exists() else spec
 

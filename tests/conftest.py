@@ -145,11 +145,21 @@ def fresh_postgres_db():
 
 def pytest_collection_modifyitems(config, items) -> None:
     """Mark every test that needs PostgreSQL ``postgres``: those using a PostgreSQL fixture, and
-    the PostgreSQL half of tests parametrized over the backends."""
+    the PostgreSQL half of tests parametrized over the backends. The PostgreSQL half of a
+    ``store_agnostic`` test (scoring rows, reports, serving: the servers only record its runs) is
+    deselected: running it again on another database would test nothing new and cost minutes."""
+    kept, dropped = [], []
     for item in items:
         params = getattr(getattr(item, "callspec", None), "params", {})
+        if params.get("backend") == "postgres" and item.get_closest_marker("store_agnostic"):
+            dropped.append(item)
+            continue
         if POSTGRES_FIXTURES & set(getattr(item, "fixturenames", ())) or params.get("backend") == "postgres":
             item.add_marker(pytest.mark.postgres)
+        kept.append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept
 
 
 @pytest.fixture(scope="session")

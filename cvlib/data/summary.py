@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.compute as pc
 
+from cvlib.columns import isin
 from cvlib.data.layout import layout_note
 from cvlib.data.options import DataConfig
 from cvlib.data.verdicts import DataSetError
@@ -39,16 +38,6 @@ def check_trainable(manifest: pd.DataFrame, cfg: DataConfig) -> None:
         raise DataSetError("the validation split is empty; add images or raise val_fraction")
 
 
-def _isin(column: pd.Series, values) -> np.ndarray:
-    """``column.isin(values)`` as one Arrow hash lookup (pandas' own converts every value to an
-    Arrow scalar first: a tenth of a second for the key images of a crowded 100k-file folder)."""
-    array = pa.array(column, from_pandas=True)
-    if not pa.types.is_string(array.type) and not pa.types.is_large_string(array.type):
-        return column.isin(values).to_numpy()
-    found = pc.is_in(array, value_set=pa.array(np.asarray(values, dtype=object), type=array.type, from_pandas=True))
-    return pc.fill_null(found, False).to_numpy(zero_copy_only=False).astype(bool)
-
-
 def _labels(manifest: pd.DataFrame) -> list[str]:
     """Every class folder's name, sorted (distinct values first: a label repeats per file)."""
     return sorted({str(x) for x in manifest["label"].dropna().unique()})
@@ -77,7 +66,7 @@ def summarize(manifest: pd.DataFrame) -> dict:
     # the columns stay in pandas' own string type: no per-row conversion to Python objects and back.
     leaders = near[followers]
     group_sizes = leaders.value_counts()
-    heads = manifest.loc[_isin(manifest["path"], group_sizes.index), ["path", "label"]]  # each group's key image
+    heads = manifest.loc[isin(manifest["path"], group_sizes.index), ["path", "label"]]  # each group's key image
     pairs = pd.DataFrame({
         "leader": np.concatenate([leaders.to_numpy(dtype=object), heads["path"].to_numpy(dtype=object)]),
         "label": np.concatenate([manifest["label"][followers].to_numpy(dtype=object), heads["label"].to_numpy(dtype=object)]),
@@ -153,7 +142,7 @@ def leakage(manifest: pd.DataFrame, examples: int = 5) -> dict:
         return {"exact": len(exact), "near_groups": 0, "near_files": 0, "examples": exact[:examples]}
     leaders = followers["near_duplicate_of"]
     order = pd.unique(leaders.to_numpy(dtype=object))  # groups in order of first appearance
-    heads = ok[_isin(ok["path"], order)]  # each group's key image (itself never a follower)
+    heads = ok[isin(ok["path"], order)]  # each group's key image (itself never a follower)
     members = pd.DataFrame({
         "leader": np.concatenate([heads["path"].to_numpy(dtype=object), leaders.to_numpy(dtype=object)]),
         "path": np.concatenate([heads["path"].to_numpy(dtype=object), followers["path"].to_numpy(dtype=object)]),

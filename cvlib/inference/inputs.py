@@ -53,13 +53,25 @@ def list_input_files(root: str | os.PathLike[str]) -> list[str]:
         return [root.name]
     if not root.is_dir():
         raise FileNotFoundError(f"input {root} does not exist")
-    out = []
-    for dirpath, dirnames, filenames in os.walk(root):
+    out: list[str] = []
+    base = os.fspath(root)
+    for dirpath, dirnames, filenames in os.walk(base):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in filenames:
-            if not name.startswith(".") and claims_image(name):
-                out.append(Path(dirpath, name).relative_to(root).as_posix())
+        # One relative prefix per folder and plain string joins per file: a Path and a
+        # relative_to() per file cost seconds on a 100k-file folder.
+        rel = os.path.relpath(dirpath, base)
+        prefix = "" if rel == "." else rel.replace(os.sep, "/") + "/"
+        out.extend(prefix + name for name in filenames if not name.startswith(".") and claims_image(name))
     return sorted(out)
+
+
+def holds_input_files(root: str | os.PathLike[str]) -> bool:
+    """Whether :func:`list_input_files` would find anything: stops at the first file."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        if any(not name.startswith(".") and claims_image(name) for name in filenames):
+            return True
+    return False
 
 
 def is_glob(spec: str) -> bool:

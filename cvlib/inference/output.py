@@ -30,6 +30,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from cvlib.columns import isin
 from cvlib.files.parquet import read_metadata, write_table_atomic
 
 __all__ = [
@@ -259,7 +260,7 @@ def finalize_single_file(
     table = _read_parts(layout.sources())
     df = table.to_pandas() if table is not None else pd.DataFrame(columns=PREDICTIONS_SCHEMA.names)
     wanted = set(paths)
-    df = df[_of_run(df, model_version, engine) & df["path"].isin(wanted)]
+    df = df[_of_run(df, model_version, engine).to_numpy() & isin(df["path"], wanted)]
     df = _newest_per_path(df).sort_values("path", kind="stable").reset_index(drop=True)
     missing = wanted - set(df["path"])
     if missing:  # never write a silently short file
@@ -277,7 +278,7 @@ def finalize_dataset(
     ``status``) and how many superseded rows were dropped."""
     dropped = compact_parts(layout.parts_dir, model_version, engine)
     df = read_predictions(layout.target, model_version, columns=["path", "status", "model_version"], engine=engine)
-    df = df[df["path"].isin(set(paths))]
+    df = df[isin(df["path"], set(paths))]
     if df["path"].duplicated().any() or len(df) != len(paths):
         raise RuntimeError(f"{layout.target}: {len(df)} rows for {len(paths)} files of version {model_version}; rerun to resume")
     return df, dropped

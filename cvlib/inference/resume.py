@@ -119,12 +119,12 @@ def unchanged_scored(
         return keep
     table = table.filter(pc.equal(table.column("model_version"), model_version))
     recorded = pd.DataFrame({"bytes": table.column("bytes").to_numpy(), "mtime_ns": table.column("mtime_ns").to_numpy()},
-                            index=pd.Index(table.column("path").to_numpy(zero_copy_only=False)))  # fmt: skip
+                            index=pd.Index(table.column("path").to_numpy(zero_copy_only=False), dtype=object))  # fmt: skip
     recorded = recorded[~recorded.index.duplicated(keep="last")]
-    want = pd.Index(list(paths))
+    want = pd.Index(list(paths), dtype=object)  # object: hash lookups without Arrow scalars per value
     found = recorded.reindex(want)
     keep = (found["bytes"].to_numpy() == size) & (found["mtime_ns"].to_numpy() == mtime) & (size >= 0)
     if keep.any():  # only files the output still holds a row for (it may have been deleted)
         rows = read_done(sources, model_version, (p for p, k in zip(paths, keep, strict=True) if k), engine)
-        keep &= np.asarray(want.isin(list(rows)), dtype=bool)
+        keep &= want.isin(list(rows))
     return np.asarray(keep, dtype=bool)

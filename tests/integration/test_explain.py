@@ -17,6 +17,8 @@ from PIL import Image
 from cvlib.data.options import DataConfig
 from cvlib.explain.options import ReportConfig
 
+pytestmark = pytest.mark.store_agnostic  # the servers only record the runs (tests/conftest.py)
+
 
 @pytest.fixture(scope="module")
 def inputs(digits_dir, tmp_path_factory) -> Path:

@@ -31,6 +31,7 @@ def test_retrain_exports_after_the_gate_and_tags_the_version(retrained, on_serve
         assert tags["visionflow.openvino.precision"] in ("int8", "bf16", "fp32")
 
 
+@pytest.mark.store_agnostic
 def test_pyfunc_serves_from_the_openvino_artifact(retrained, on_servers, digits_dir):
     """``mlflow.pyfunc.load_model`` on the version: the OpenVINO artifact runs the requests, and
     its top-1 is PyTorch's."""
@@ -54,6 +55,7 @@ def test_pyfunc_serves_from_the_openvino_artifact(retrained, on_servers, digits_
     assert (got["top1_label"] == expected["top1_label"]).mean() >= 0.95
 
 
+@pytest.mark.store_agnostic
 def test_score_auto_uses_the_artifact_and_engines_never_mix(retrained, on_servers, digits_dir, tmp_path):
     from cvlib.inference.options import ScoreConfig
     from cvlib.inference.output import read_predictions

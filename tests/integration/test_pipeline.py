@@ -71,6 +71,7 @@ def test_model_loads_from_registry_in_a_fresh_process(retrained, mlflow_server, 
     assert len(rows[0]["top5_labels"]) == 5
 
 
+@pytest.mark.store_agnostic
 def test_score_flow_writes_one_row_per_file(retrained, on_servers, digits_dir, tmp_path):
     from flows.score import score
 
@@ -98,6 +99,7 @@ def test_score_flow_writes_one_row_per_file(retrained, on_servers, digits_dir, t
     assert (df["model_version"] == retrained["result"].version).all()
 
 
+@pytest.mark.store_agnostic
 def test_explain_flow_report_has_one_image_per_sample(retrained, on_servers, digits_dir, tmp_path):
     from flows.explain import explain
 

@@ -180,6 +180,7 @@ def test_evaluation_artifacts_logged(retrained, on_servers):
         assert key in metrics
 
 
+@pytest.mark.store_agnostic
 def test_mlflow_models_serve_answers_rest(retrained, mlflow_server, digits_dir, tmp_path):
     """`mlflow models serve` on the registered champion (local env manager: offline) scores an
     image sent as base64 bytes and one sent as a path."""

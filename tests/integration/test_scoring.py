@@ -14,6 +14,8 @@ import pytest
 from cvlib.inference.options import ScoreConfig
 from tests.integration.support import scoring_inputs
 
+pytestmark = pytest.mark.store_agnostic  # the servers only record the runs (tests/conftest.py)
+
 
 @pytest.fixture(scope="module")
 def inputs(digits_dir, tmp_path_factory) -> Path:

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from cvlib.inference.inputs import InputSpecError, is_glob, list_input_files, resolve_inputs
+from cvlib.inference.inputs import InputSpecError, holds_input_files, is_glob, list_input_files, resolve_inputs
 
 
 @pytest.fixture
@@ -29,6 +29,17 @@ def test_folder_is_walked_recursively_for_image_names(tree):
     assert inputs.kind == "folder" and inputs.root == tree.resolve()
     assert inputs.paths == ["a/1.jpg", "a/2.png", "b/c/3.jpeg", "top.JPG"]
     assert inputs.paths == list_input_files(tree)
+
+
+def test_a_folder_is_probed_for_inputs_without_listing_it(tree, tmp_path):
+    """What the CLI asks before the flow lists the folder: is there anything to score at all?"""
+    assert holds_input_files(tree)
+    assert holds_input_files(tree / "b")  # only in a sub-folder
+    empty = tmp_path / "empty"
+    for rel in [".hidden/1.jpg", "a/.2.jpg", "a/notes.txt"]:
+        (empty / rel).parent.mkdir(parents=True, exist_ok=True)
+        (empty / rel).write_bytes(b"x")
+    assert not holds_input_files(empty) and list_input_files(empty) == []
 
 
 def test_single_image_file(tree):
