@@ -9,9 +9,10 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 from prefect import task
 
@@ -29,6 +30,9 @@ EXPERIMENT_KIND = "mlflow.experimentKind"
 MODEL_TRAINING = "custom_model_development"
 
 
+T = TypeVar("T")
+
+
 def client():
     import mlflow
     from mlflow import MlflowClient
@@ -40,6 +44,21 @@ def client():
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def unless_missing(call: Callable[..., T], *args) -> T | None:
+    """``call(*args)``, or None when MLflow answers that what it names does not exist. That is the
+    only answer read as "not there": any other error (the server down, a timeout, a 5xx) is
+    raised, so a task retries instead of acting on a false "none" (a second version of a run, a
+    promotion past a champion it could not see, a manifest holder taken for gone)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return call(*args)
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
 
 
 def ensure_experiment(name: str) -> str:
@@ -151,16 +170,8 @@ def _find_version_for_run(name: str, run_id: str):
     error (the server down, a timeout, a 5xx) is raised so the task retries: read as "not found",
     it made a retried registration create a second version of the same run.
     """
-    from mlflow.exceptions import MlflowException
-
-    query = f"name = '{name}' AND tags.`{RUN_TAG}` = '{run_id}'"
-    try:
-        versions = client().search_model_versions(query)
-    except MlflowException as exc:
-        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
-            return None
-        raise
-    mine = [v for v in versions if (v.tags or {}).get(RUN_TAG) == run_id]
+    versions = unless_missing(client().search_model_versions, f"name = '{name}' AND tags.`{RUN_TAG}` = '{run_id}'")
+    mine = [v for v in versions or () if (v.tags or {}).get(RUN_TAG) == run_id]
     return min(mine, key=lambda v: int(v.version)) if mine else None
 
 
@@ -249,16 +260,11 @@ def _champion_version(name: str):
     """The version holding the champion alias, or None when there is none. Read from the
     model's alias table, so only "no such model" or "no such alias" means none: an error read
     as "no champion" would let any version be promoted."""
-    from mlflow.exceptions import MlflowException
-
     c = client()
-    try:
-        aliases = c.get_registered_model(name).aliases or {}
-    except MlflowException as exc:
-        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
-            return None
-        raise
-    version = aliases.get(CHAMPION)
+    model = unless_missing(c.get_registered_model, name)
+    if model is None:
+        return None
+    version = (model.aliases or {}).get(CHAMPION)
     return None if version is None else c.get_model_version(name, str(version))
 
 
