@@ -47,7 +47,7 @@ from prefect import task
 
 from cvlib.data.inspection import sha256_file
 from tasks.log import run_logger
-from tasks.registry import client
+from tasks.registry import client, unless_missing
 
 MANIFEST_ARTIFACT = "data/manifest.parquet"
 DIGEST_TAG = "visionflow.manifest_sha256"
@@ -78,23 +78,21 @@ def _lists_manifest(run_id: str) -> bool:
 def _holds(run_id: str) -> bool:
     """Whether ``run_id`` is an active run whose artifacts list the manifest. Only "no such run"
     means gone (a garbage-collected run): any other error is raised, never read as missing."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        run = client().get_run(run_id)
-    except MlflowException as exc:
-        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
-            return False
-        raise
-    return run.info.lifecycle_stage == "active" and _lists_manifest(run_id)
+    run = unless_missing(client().get_run, run_id)
+    return run is not None and run.info.lifecycle_stage == "active" and _lists_manifest(run_id)
 
 
-def _holder(experiment_id: str, digest: str, run_id: str) -> str | None:
-    """An active run of the experiment that uploaded a manifest with this content (not ``run_id``)."""
-    return next(
-        (r.info.run_id for r in _uploaders(experiment_id, digest) if r.info.run_id != run_id and _lists_manifest(r.info.run_id)),
-        None,
-    )
+def _other_holders(experiment_id: str, digest: str, but: str) -> Iterator[str]:
+    """Active runs of the experiment, other than ``but``, that uploaded a manifest with this
+    content and still list the file, oldest first."""
+    for r in _uploaders(experiment_id, digest):
+        if r.info.run_id != but and _lists_manifest(r.info.run_id):
+            yield r.info.run_id
+
+
+def _tagged_holder(run) -> str:
+    """The run ``run``'s tag names as its manifest's holder (itself for runs logged before the reference)."""
+    return run.data.tags.get(HOLDER_TAG) or run.info.run_id
 
 
 @task(name="log-manifest", retries=2, retry_delay_seconds=[5, 30], timeout_seconds=1800)
@@ -104,7 +102,7 @@ def log_manifest(run_id: str, manifest_path: str) -> str:
     c = client()
     digest = sha256_file(manifest_path)
     experiment_id = c.get_run(run_id).info.experiment_id
-    holder = _holder(experiment_id, digest, run_id)
+    holder = next(_other_holders(experiment_id, digest, run_id), None)
     if holder is not None:
         c.set_tag(run_id, DIGEST_TAG, digest)
         c.set_tag(run_id, HOLDER_TAG, holder)
@@ -152,15 +150,12 @@ def _upload(run_id: str, path: Path) -> None:
 def _candidates(run) -> Iterator[str]:
     """Runs that hold ``run``'s manifest now: its tagged holder (itself for runs logged before
     the reference) while it holds it, then other active uploaders of the same content."""
-    tagged = run.data.tags.get(HOLDER_TAG) or run.info.run_id
+    tagged = _tagged_holder(run)
     if _holds(tagged):
         yield tagged
     digest = run.data.tags.get(DIGEST_TAG)
-    if not digest:  # logged before digests were recorded: nothing to look for
-        return
-    for other in _uploaders(run.info.experiment_id, digest):
-        if other.info.run_id != tagged and _lists_manifest(other.info.run_id):
-            yield other.info.run_id
+    if digest:  # logged before digests were recorded: nothing else to look for
+        yield from _other_holders(run.info.experiment_id, digest, tagged)
 
 
 def manifest_run_of(run) -> str:
@@ -194,7 +189,7 @@ def download_manifest(run, dst_path: str) -> str:
 
 
 def _note_fallback(run, holder: str) -> None:
-    tagged = run.data.tags.get(HOLDER_TAG) or run.info.run_id
+    tagged = _tagged_holder(run)
     if holder != tagged:
         run_logger().warning(
             "run %s's manifest holder %s is deleted or has lost the file: using run %s, which holds the same content",
@@ -211,7 +206,7 @@ def _unavailable(run, wrong: Sequence[str] = ()) -> ManifestUnavailableError:
             "run is deleted, or was logged by a flow that does not log manifests (the sweep) or by an older visionflow. "
             "Give the data instead (`visionflow export MODEL --data DIR`)."
         )
-    tagged = run.data.tags.get(HOLDER_TAG) or run_id
+    tagged = _tagged_holder(run)
     digest = run.data.tags.get(DIGEST_TAG)
     holder = "the run itself" if tagged == run_id else f"run {tagged}"
     content = f"sha256 {digest}" if digest else "no digest recorded, so no other copy can be looked for"
