@@ -17,6 +17,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,23 +56,26 @@ def list_input_files(root: str | os.PathLike[str]) -> list[str]:
         raise FileNotFoundError(f"input {root} does not exist")
     out: list[str] = []
     base = os.fspath(root)
-    for dirpath, dirnames, filenames in os.walk(base):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+    for dirpath, names in _input_names(base):
         # One relative prefix per folder and plain string joins per file: a Path and a
         # relative_to() per file cost seconds on a 100k-file folder.
         rel = os.path.relpath(dirpath, base)
         prefix = "" if rel == "." else rel.replace(os.sep, "/") + "/"
-        out.extend(prefix + name for name in filenames if not name.startswith(".") and claims_image(name))
+        out.extend(prefix + name for name in names)
     return sorted(out)
 
 
 def holds_input_files(root: str | os.PathLike[str]) -> bool:
-    """Whether :func:`list_input_files` would find anything: stops at the first file."""
+    """Whether :func:`list_input_files` would find anything: stops at the first folder holding one."""
+    return any(names for _, names in _input_names(os.fspath(root)))
+
+
+def _input_names(root: str) -> Iterator[tuple[str, list[str]]]:
+    """(folder, the names of its input files) for ``root`` and every non-hidden folder under it:
+    non-hidden files whose name claims an image."""
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        if any(not name.startswith(".") and claims_image(name) for name in filenames):
-            return True
-    return False
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        yield dirpath, [name for name in filenames if not name.startswith(".") and claims_image(name)]
 
 
 def is_glob(spec: str) -> bool:
