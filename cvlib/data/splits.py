@@ -15,32 +15,24 @@ import pandas as pd
 from cvlib.data.options import DataConfig
 
 
-def _uniform(key: str, cfg: DataConfig) -> float:
-    return int.from_bytes(hashlib.sha256(f"{cfg.split_salt}:{key}".encode()).digest()[:8], "big") / 2**64
-
-
-def _uniform_many(keys: np.ndarray, cfg: DataConfig) -> np.ndarray:
-    """:func:`_uniform` of many keys: one SHA-256 per key is unavoidable (it is the rule), but the
-    digests' first 8 bytes are read as one big-endian uint64 array instead of key by key."""
+def _uniform_many(keys, cfg: DataConfig) -> np.ndarray:
+    """A uniform number in [0, 1) per key: the first 8 bytes of SHA-256(salt:key), big-endian,
+    over 2**64. One hash per key is the rule; the heads are read as one uint64 array."""
     sha256, salt = hashlib.sha256, f"{cfg.split_salt}:"
     heads = b"".join([sha256(f"{salt}{k}".encode()).digest()[:8] for k in keys])
     return np.frombuffer(heads, dtype=">u8").astype(np.float64) / 2**64
 
 
 def _splits_of(u: np.ndarray, test_fraction: float, val_fraction: float) -> np.ndarray:
-    """:func:`_split_of`, array-wide."""
+    """The split of each uniform number: test below ``test_fraction``, then val, then train."""
     out = np.full(len(u), "train", dtype=object)
     out[u < test_fraction + val_fraction] = "val"
     out[u < test_fraction] = "test"
     return out
 
 
-def _split_of(u: float, test_fraction: float, val_fraction: float) -> str:
-    if u < test_fraction:
-        return "test"
-    if u < test_fraction + val_fraction:
-        return "val"
-    return "train"
+def _split_of_key(key: str, cfg: DataConfig, test_fraction: float, val_fraction: float) -> str:
+    return str(_splits_of(_uniform_many([key], cfg), test_fraction, val_fraction)[0])
 
 
 def split_for(sha256: str, cfg: DataConfig) -> str:
@@ -50,16 +42,14 @@ def split_for(sha256: str, cfg: DataConfig) -> str:
     as images are added, and stratified in expectation: every class gets the configured
     fractions independently (exactly only in the limit; a class of 5 images may get no val).
     """
-    return _split_of(_uniform(sha256, cfg), cfg.test_fraction, cfg.val_fraction)
+    return _split_of_key(sha256, cfg, cfg.test_fraction, cfg.val_fraction)
 
 
 def carve_from_train(key: str, cfg: DataConfig, given: frozenset[str]) -> str:
     """The split of a file its folder puts in train: train, unless a split no folder gives (no
     ``val/`` folder, say) is taken out of train by the content hash at its configured fraction.
     The same uniform number as :func:`split_for`, so the rule is the same one."""
-    return _split_of(
-        _uniform(key, cfg), 0.0 if "test" in given else cfg.test_fraction, 0.0 if "val" in given else cfg.val_fraction
-    )
+    return _split_of_key(key, cfg, 0.0 if "test" in given else cfg.test_fraction, 0.0 if "val" in given else cfg.val_fraction)
 
 
 def assign_splits(
