@@ -49,7 +49,12 @@ def carve_from_train(key: str, cfg: DataConfig, given: frozenset[str]) -> str:
     """The split of a file its folder puts in train: train, unless a split no folder gives (no
     ``val/`` folder, say) is taken out of train by the content hash at its configured fraction.
     The same uniform number as :func:`split_for`, so the rule is the same one."""
-    return _split_of_key(key, cfg, 0.0 if "test" in given else cfg.test_fraction, 0.0 if "val" in given else cfg.val_fraction)
+    return _split_of_key(key, cfg, *_train_fractions(cfg, given))
+
+
+def _train_fractions(cfg: DataConfig, given: frozenset[str]) -> tuple[float, float]:
+    """(test, val) fractions carved out of a given train folder: none for a split a folder gives."""
+    return 0.0 if "test" in given else cfg.test_fraction, 0.0 if "val" in given else cfg.val_fraction
 
 
 def assign_splits(
@@ -71,9 +76,14 @@ def assign_splits(
     used = (status == "ok") | (status == "duplicate")
     split = np.full(n, None, dtype=object)
     follow: dict[str, str] = {}
-    for i in np.flatnonzero(used & has_given):  # only files in split folders: a loop over them is fine
-        split[i] = carve_from_train(key[i], cfg, present) if given[i] == "train" else given[i]
-        follow.setdefault(key[i], split[i])
+    inside = np.flatnonzero(used & has_given)  # files in split folders keep theirs; train may lose a share
+    split[inside] = given[inside]
+    train = inside[given[inside] == "train"]
+    if len(train):
+        codes, keys = pd.factorize(key[train])
+        split[train] = _splits_of(_uniform_many(keys, cfg), *_train_fractions(cfg, present))[codes]  # carve_from_train, array-wide
+    for i in inside[::-1]:  # the first member (in row order) of each key is the one followed
+        follow[key[i]] = split[i]
     # The rest, array-wide: each distinct key is hashed once (a near-duplicate group shares one).
     free = np.flatnonzero((status == "ok") & ~has_given)
     if len(free):
